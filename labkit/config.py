@@ -1,0 +1,340 @@
+"""TrainConfig: every knob of a labkit run, validated before any process starts.
+
+A config is plain data (a dataclass) so it pickles to worker processes, prints in a notebook and
+maps one-to-one onto the command line flags of ``labkit train``. ``__post_init__`` validates every
+field and raises ``ValueError`` naming the field, the value and what is allowed: a typo must fail
+in the notebook cell, not three minutes later inside rank 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# The names users type. Kept here (not in the modules that implement them) so validation needs no
+# heavy imports and the lists are in one place.
+MODELS = ("nano", "micro", "small", "medium", "large")
+CORPORA = ("pydoc", "synthetic")
+NORMS = ("pre", "post")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+CLIP_METHODS = ("none", "norm", "value", "agc", "autoclip", "zclip")
+NONFINITE = ("skip", "raise")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = (
+    "single",
+    "dp-naive",
+    "dp-bucketed",
+    "ddp",
+    "zero1",
+    "fsdp",
+    "pp-gpipe",
+    "pp-1f1b",
+    "pp-torch",
+    "tp",
+)
+PIPELINE_STRATEGIES = ("pp-gpipe", "pp-1f1b", "pp-torch")
+# Strategies whose ranks each take a slice of the global batch (data parallel in some form).
+DATA_PARALLEL_STRATEGIES = ("dp-naive", "dp-bucketed", "ddp", "zero1", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+PP_BALANCE = ("layers", "params")
+FAULTS = ("raise", "kill")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but `steps=True` is a mistake, not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Construct with keywords; invalid values raise ValueError.
+
+    The equivalence invariant: for the same ``seed`` and ``global_batch_size`` every strategy
+    trains on the same batches and produces the same parameters as ``strategy="single"``.
+    """
+
+    # What to train on.
+    model: str = "small"
+    norm: str = "pre"
+    block_size: int | None = None
+    corpus: str = "pydoc"
+    # How long and how much per optimizer step.
+    steps: int = 200
+    global_batch_size: int = 32
+    grad_accum_steps: int = 1
+    micro_batches: int = 1
+    seed: int = 0
+    # Optimizer.
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    # Learning-rate schedule and warm-up (see labkit.schedules).
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup: str = "linear"
+    min_lr: float = 0.0
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Gradient clipping (see labkit.clip) and what to do with non-finite gradients.
+    clip: str = "norm"
+    max_norm: float = 1.0
+    clip_value: float = 1.0
+    agc_clip_factor: float = 0.01
+    autoclip_percentile: float = 10.0
+    zclip_z: float = 2.5
+    zclip_alpha: float = 0.97
+    nonfinite: str = "skip"
+    precision: str = "fp32"
+    # Parallelism.
+    strategy: str = "single"
+    world_size: int = 1
+    backend: str = "auto"
+    device: str = "auto"
+    bucket_mb: float = 25.0
+    pp_balance: str = "layers"
+    threads: int | None = None
+    timeout_s: float = 60.0
+    freeze: tuple[str, ...] = ()
+    # Evaluation, checkpoints, output.
+    eval_every: int = 0
+    eval_batches: int = 4
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    stop_after: int | None = None
+    progress: bool = True
+    timeline: bool = True
+    # Fault injection for the fault-tolerance lesson and tests: "raise:RANK:STEP" or "kill:RANK:STEP".
+    fault: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.freeze, str):
+            self.freeze = (self.freeze,) if self.freeze else ()
+        self.freeze = tuple(self.freeze)
+        self.schedule_kwargs = dict(self.schedule_kwargs or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field; called on construction."""
+        self._check_choice("model", MODELS)
+        self._check_choice("norm", NORMS)
+        self._check_choice("corpus", CORPORA)
+        self._check_choice("optimizer", OPTIMIZERS)
+        self._check_choice("clip", CLIP_METHODS)
+        self._check_choice("nonfinite", NONFINITE)
+        self._check_choice("precision", PRECISIONS)
+        self._check_choice("strategy", STRATEGIES)
+        self._check_choice("backend", BACKENDS)
+        self._check_choice("device", DEVICES)
+        self._check_choice("pp_balance", PP_BALANCE)
+
+        for name in (
+            "steps",
+            "global_batch_size",
+            "grad_accum_steps",
+            "micro_batches",
+            "world_size",
+        ):
+            self._check_int(name, minimum=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            self._check_int(name, minimum=0)
+        self._check_int("eval_batches", minimum=1)
+        if self.block_size is not None:
+            self._check_int("block_size", minimum=2)
+        if self.threads is not None:
+            self._check_int("threads", minimum=1)
+        if self.stop_after is not None:
+            self._check_int("stop_after", minimum=1)
+            if self.stop_after > self.steps:
+                _fail("stop_after", self.stop_after, f"must be at most steps={self.steps}")
+
+        for name in ("lr", "eps", "max_norm", "clip_value", "agc_clip_factor", "timeout_s"):
+            self._check_positive(name)
+        for name in ("weight_decay", "momentum", "min_lr"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                _fail(name, value, "must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                _fail(name, value, "must be a number in [0, 1)")
+        if not _is_number(self.bucket_mb) or self.bucket_mb <= 0:
+            _fail("bucket_mb", self.bucket_mb, "must be a number of megabytes > 0")
+        if not _is_number(self.autoclip_percentile) or not 0 < self.autoclip_percentile <= 100:
+            _fail("autoclip_percentile", self.autoclip_percentile, "must be in (0, 100]")
+        self._check_positive("zclip_z")
+        if not _is_number(self.zclip_alpha) or not 0 < self.zclip_alpha < 1:
+            _fail("zclip_alpha", self.zclip_alpha, "must be in (0, 1)")
+        if self.min_lr > self.lr:
+            _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
+        if self.warmup_steps > self.steps:
+            _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
+        if not isinstance(self.resume, bool):
+            _fail("resume", self.resume, "must be True or False")
+        if self.resume and not self.checkpoint_dir:
+            _fail("resume", self.resume, "needs checkpoint_dir to resume from")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            _fail("checkpoint_every", self.checkpoint_every, "needs checkpoint_dir to write to")
+        if not all(isinstance(f, str) and f for f in self.freeze):
+            _fail("freeze", self.freeze, "must be parameter-name prefixes (non-empty strings)")
+        self._validate_fault()
+        self._validate_parallel()
+        self._validate_schedule()
+
+    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            _fail(name, value, "allowed: " + ", ".join(repr(a) for a in allowed))
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value < minimum:
+            _fail(name, value, f"must be an integer >= {minimum}")
+
+    def _check_positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or value <= 0:
+            _fail(name, value, "must be a finite number > 0")
+
+    def _validate_fault(self) -> None:
+        if self.fault is None:
+            return
+        parts = str(self.fault).split(":")
+        ok = len(parts) == 3 and parts[0] in FAULTS and parts[1].isdigit() and parts[2].isdigit()
+        if not ok:
+            _fail("fault", self.fault, "use 'raise:RANK:STEP' or 'kill:RANK:STEP'")
+        if int(parts[1]) >= self.world_size:
+            _fail("fault", self.fault, f"rank must be below world_size={self.world_size}")
+
+    def _validate_parallel(self) -> None:
+        s, w = self.strategy, self.world_size
+        if s == "single" and w != 1:
+            _fail("world_size", w, "strategy='single' runs one process: use world_size=1")
+        if self.backend == "nccl" and self.device == "cpu":
+            _fail("backend", self.backend, "NCCL needs device='cuda' (use 'gloo' on CPU)")
+        if self.device == "cuda" or self.backend == "nccl":
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                _fail("device", self.device, "CUDA was requested but no GPU is visible")
+        if self.precision == "fp16" and s not in ("single", "dp-naive", "dp-bucketed", "ddp"):
+            _fail("precision", "fp16", "loss scaling is supported with single, dp-* and ddp only")
+        if s in DATA_PARALLEL_STRATEGIES:
+            need = w * self.grad_accum_steps
+            if self.global_batch_size < need:
+                _fail(
+                    "global_batch_size",
+                    self.global_batch_size,
+                    f"must be at least world_size*grad_accum_steps={need} so every micro-batch "
+                    "holds at least one sequence",
+                )
+        elif self.global_batch_size < self.grad_accum_steps:
+            _fail("grad_accum_steps", self.grad_accum_steps, "must not exceed global_batch_size")
+        if s in PIPELINE_STRATEGIES or s == "tp":
+            from labkit.model import PRESETS
+
+            preset = PRESETS[self.model]
+            if s in PIPELINE_STRATEGIES and w > preset.n_layer + 2:
+                _fail(
+                    "world_size",
+                    w,
+                    f"a pipeline needs at most one stage per layer: model {self.model!r} has "
+                    f"{preset.n_layer} blocks plus embedding and head, so at most {preset.n_layer + 2}",
+                )
+            if s in PIPELINE_STRATEGIES:
+                per_mb = self.global_batch_size // self.grad_accum_steps
+                if self.global_batch_size % (self.grad_accum_steps * self.micro_batches):
+                    _fail(
+                        "micro_batches",
+                        self.micro_batches,
+                        f"must divide the batch per optimizer micro-step "
+                        f"(global_batch_size/grad_accum_steps={per_mb})",
+                    )
+            if s == "tp":
+                if preset.n_head % w:
+                    _fail("world_size", w, f"tp needs n_head={preset.n_head} divisible by it")
+                if (4 * preset.d_model) % w:
+                    _fail("world_size", w, f"tp needs the MLP width {4 * preset.d_model} divisible")
+        elif self.micro_batches != 1:
+            _fail(
+                "micro_batches", self.micro_batches, "only pipeline strategies (pp-*) use it; use 1"
+            )
+
+    def _validate_schedule(self) -> None:
+        try:
+            from labkit.schedules import validate_schedule_args
+        except ImportError:  # the schedules module is optional while the package is assembled
+            return
+        try:
+            validate_schedule_args(
+                self.schedule,
+                peak_lr=self.lr,
+                total_steps=self.steps,
+                warmup_steps=self.warmup_steps,
+                warmup=self.warmup,
+                min_lr=self.min_lr,
+                beta2=self.beta2,
+                **self.schedule_kwargs,
+            )
+        except ValueError as err:
+            raise ValueError(f"TrainConfig.schedule: {err}") from None
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (for checkpoints, CSV headers and notebooks)."""
+        return dataclasses.asdict(self)
+
+    def optimizer_spec(self) -> tuple[type, dict[str, Any]]:
+        """The optimizer class and its keyword arguments (lr is set by the schedule)."""
+        import torch
+
+        if self.optimizer == "sgd":
+            return torch.optim.SGD, {
+                "lr": self.lr,
+                "momentum": self.momentum,
+                "weight_decay": self.weight_decay,
+            }
+        cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return cls, {
+            "lr": self.lr,
+            "betas": (self.beta1, self.beta2),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks that each take a different slice of the batch."""
+        return self.world_size if self.strategy in DATA_PARALLEL_STRATEGIES else 1
+
+
+def make_config(config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """``config`` with ``overrides`` applied, or a fresh config from the overrides."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(
+            f"unknown TrainConfig field(s): {', '.join(unknown)}; see labkit.TrainConfig for the list"
+        )
+    if config is None:
+        return TrainConfig(**overrides)
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,1 @@
+"""Write-it-yourself exercises and the checkers that grade them."""

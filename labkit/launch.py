@@ -1,0 +1,329 @@
+"""Start worker processes, watch them, collect their results: ``labkit.run``.
+
+From a notebook cell or the command line, ``run(strategy="ddp", world_size=2)`` starts two real
+processes with ``torch.multiprocessing``'s *spawn* method. The worker entry (``_worker``) lives in
+this importable module, so nothing defined in a notebook has to be pickled.
+
+Rendezvous goes through a ``TCPStore`` that this (parent) process opens on port 0: the operating
+system picks a free port, and the store holds it for the whole run, so two runs at once can never
+collide on a port. Workers connect to it as clients and build their process group on it.
+
+The parent watches its children. If one raises, it writes its traceback to a file and exits; if
+one is killed, its exit code says by which signal. Either way the parent stops the other ranks
+(they would otherwise wait forever in a collective), removes every process, and raises
+``WorkerError`` naming the rank and its exception, within about a second. Children also ask the
+kernel to kill them if the parent dies (``PR_SET_PDEATHSIG``), so no orphan outlives a crashed
+kernel. Under ``torchrun`` the same per-rank code runs through ``run_under_torchrun``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from labkit import checkpoint as ckpt
+from labkit.config import TrainConfig, make_config
+from labkit.parallel.base import DistContext
+from labkit.result import RunResult
+from labkit.train import shared_clock, train
+
+POLL_S = 0.05  # how often the parent looks at its children
+GRACE_S = 1.0  # after a failure, how long peers get to report their own errors before being killed
+
+
+class WorkerError(RuntimeError):
+    """A worker rank failed; ``rank`` is the rank, ``detail`` its exception or exit signal."""
+
+    def __init__(self, rank: int, detail: str, log_tail: str = "") -> None:
+        self.rank, self.detail, self.log_tail = rank, detail, log_tail
+        message = f"rank {rank} failed: {detail}"
+        if log_tail:
+            message += f"\n--- last lines of rank {rank}'s log ---\n{log_tail}"
+        super().__init__(message)
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[str, str]:
+    """(device type, backend) for ``cfg``: CUDA + NCCL when GPUs are present, else CPU + Gloo."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.backend != "auto":
+        backend = cfg.backend
+    else:
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda and cfg.world_size > torch.cuda.device_count() and cfg.strategy != "single":
+        if cfg.device == "cuda":
+            raise ValueError(
+                f"TrainConfig.world_size={cfg.world_size} is invalid: only "
+                f"{torch.cuda.device_count()} GPU(s) visible; use device='cpu' for more ranks"
+            )
+        use_cuda, backend = False, "gloo" if cfg.backend == "auto" else backend
+    return ("cuda" if use_cuda else "cpu"), backend
+
+
+def threads_per_rank(cfg: TrainConfig) -> int:
+    """CPU threads for each rank: the total (``cfg.threads`` or all cores) split evenly."""
+    total = cfg.threads or os.cpu_count() or 1
+    return max(1, total // cfg.world_size)
+
+
+def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[str, Any] | None:
+    """Train on this rank and gather every rank's rows to rank 0 (which returns them)."""
+    t0 = shared_clock(ctx)
+    out = train(cfg, ctx, on_step=on_step, t0=t0)
+    payload = (out.metrics, out.timeline, out.info)
+    gathered: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
+    dist.gather_object(payload, gathered if ctx.rank == 0 else None, dst=0)
+    if ctx.rank != 0:
+        return None
+    metrics = [row for m, _, _ in gathered for row in m]
+    timeline = [row for _, t, _ in gathered for row in t]
+    return {"metrics": metrics, "timeline": timeline, "info": out.info, "state": out.state}
+
+
+# ---------------------------------------------------------------------- inside a worker
+def _die_with_parent() -> None:
+    # Linux: the kernel sends SIGKILL to this process when its parent exits, however it exits.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _worker(
+    rank: int,
+    cfg: TrainConfig,
+    host: str,
+    port: int,
+    outdir: str,
+    device_type: str,
+    backend: str,
+    progress: Any,
+) -> None:
+    """Entry point of a spawned worker: join the group, train, hand results back through files."""
+    _die_with_parent()
+    out = Path(outdir)
+    log = open(out / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    torch.set_num_threads(threads_per_rank(cfg))
+    try:
+        timeout = timedelta(seconds=cfg.timeout_s)
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=cfg.world_size, timeout=timeout
+        )
+        device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+        ctx = DistContext(rank, cfg.world_size, rank, device, backend)
+
+        def on_step(step: int) -> None:
+            if rank == 0:
+                progress.value = step
+
+        result = run_rank(cfg, ctx, on_step)
+        if rank == 0:
+            ckpt.save_atomic(result, out / "result.pt")
+        dist.destroy_process_group()
+    except BaseException as err:  # noqa: BLE001 (every failure must reach the parent)
+        record = {
+            "type": type(err).__name__,
+            "message": str(err),
+            "traceback": traceback.format_exc(),
+            "time": time.time(),
+        }
+        (out / f"rank{rank}.error.json").write_text(json.dumps(record))
+        log.flush()
+        os._exit(1)  # skip atexit/NCCL teardown that could hang on a broken group
+    log.flush()
+
+
+# ---------------------------------------------------------------------- in the parent
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _root_cause(procs: list[Any], outdir: Path) -> WorkerError:
+    """Which rank failed first, and how: a death by signal, else the earliest traceback."""
+    for rank, p in enumerate(procs):
+        code = p.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            detail = f"process died with signal {name} (exit code {code}); no Python exception"
+            return WorkerError(rank, detail, _tail(outdir / f"rank{rank}.log"))
+    errors = []
+    for rank in range(len(procs)):
+        path = outdir / f"rank{rank}.error.json"
+        if path.exists():
+            errors.append((json.loads(path.read_text()), rank))
+    if errors:
+        record, rank = min(errors, key=lambda e: e[0]["time"])
+        detail = f"{record['type']}: {record['message']}"
+        return WorkerError(rank, detail, record["traceback"].strip())
+    rank, code = next((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode)
+    return WorkerError(rank, f"exited with code {code}", _tail(outdir / f"rank{rank}.log"))
+
+
+def _stop(procs: list[Any]) -> None:
+    """Terminate, then kill, every child still alive, and reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 3.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+def launch(cfg: TrainConfig) -> RunResult:
+    """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
+    from tqdm.auto import tqdm
+
+    device_type, backend = resolve_device(cfg)
+    context = mp.get_context("spawn")
+    progress = context.Value("i", 0)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        cfg.world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=cfg.timeout_s),
+    )
+    outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))
+    procs = [
+        context.Process(
+            target=_worker,
+            args=(r, cfg, "127.0.0.1", store.port, str(outdir), device_type, backend, progress),
+            daemon=True,
+            name=f"labkit-rank{r}",
+        )
+        for r in range(cfg.world_size)
+    ]
+    bar = tqdm(
+        total=cfg.stop_after or cfg.steps,
+        desc=f"{cfg.strategy} x{cfg.world_size}",
+        disable=not cfg.progress,
+        leave=False,
+    )
+    try:
+        for p in procs:
+            p.start()
+        while True:
+            bar.n = progress.value
+            bar.refresh()
+            codes = [p.exitcode for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                # Give the peers a moment to record their own errors, then find the first cause.
+                time.sleep(GRACE_S)
+                raise _root_cause(procs, outdir)
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(POLL_S)
+        result_path = outdir / "result.pt"
+        if not result_path.exists():
+            raise WorkerError(0, "finished without writing its result")
+        payload = torch.load(result_path, weights_only=False)
+    finally:
+        _stop(procs)
+        bar.close()
+        logs = {r: (outdir / f"rank{r}.log").read_text(errors="replace") for r in range(len(procs))}
+        _remove_tree(outdir)
+    info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
+    return RunResult.from_ranks(
+        cfg, payload["metrics"], payload["timeline"], info, payload["state"], logs
+    )
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_single(cfg: TrainConfig) -> RunResult:
+    """Train ``strategy="single"`` in this process, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    device_type, _ = resolve_device(cfg)
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bar = tqdm(
+        total=cfg.stop_after or cfg.steps, desc="single", disable=not cfg.progress, leave=False
+    )
+    try:
+        ctx = DistContext(device=torch.device(device_type))
+
+        def on_step(step: int) -> None:
+            bar.n = step
+            bar.refresh()
+
+        out = train(cfg, ctx, on_step=on_step)
+    finally:
+        bar.close()
+        torch.set_num_threads(previous_threads)
+    info = dict(out.info, backend=None, world_size=1)
+    return RunResult.from_ranks(cfg, out.metrics, out.timeline, info, out.state)
+
+
+def run(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
+    """Train with ``config`` (and/or keyword overrides) and return a RunResult.
+
+    ``strategy="single"`` trains in this process; any other strategy starts ``world_size`` worker
+    processes and gathers their results. Everything is validated before a process starts.
+    """
+    cfg = make_config(config, **overrides)
+    resolve_device(cfg)  # raises on an impossible device request before anything starts
+    if cfg.resume:
+        ckpt.check_compatible(cfg.checkpoint_dir, cfg.to_dict())
+    t_start = time.perf_counter()
+    result = run_single(cfg) if cfg.strategy == "single" else launch(cfg)
+    result.info["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
+    """The per-rank entry when ``torchrun`` started this process (env:// rendezvous).
+
+    Works on one node or many: ``torchrun --nnodes 2 --nproc-per-node 8 ... -m labkit train ...``.
+    Returns the RunResult on global rank 0 and None elsewhere.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if world != cfg.world_size:
+        cfg = cfg.replace(world_size=world)
+    device_type, backend = resolve_device(cfg)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+    device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
+    ctx = DistContext(rank, world, local_rank, device, backend)
+    try:
+        payload = run_rank(cfg, ctx)
+    finally:
+        dist.destroy_process_group()
+    if payload is None:
+        return None
+    info = dict(payload["info"], backend=backend, world_size=world)
+    return RunResult.from_ranks(
+        cfg, payload["metrics"], payload["timeline"], info, payload["state"]
+    )

@@ -1,0 +1,243 @@
+"""A small GPT, a deep plain network whose gradients explode, and FLOP counts.
+
+The GPT is written as three kinds of layer, ``Embedding -> Block x n_layer -> Head``, and
+``GPT.layers()`` lists them in order. That list is what the pipeline cuts into stages, and the
+attention/MLP linears are what tensor parallelism splits, so both parallel versions keep the
+parameter names of this model (``blocks.3.attn.q.weight``) and their state dicts compare directly.
+
+Layer norm placement is a switch: ``norm="pre"`` (GPT-2 and later: ``x + f(LN(x))``) or
+``norm="post"`` (the original Transformer: ``LN(x + f(x))``), which needs warm-up to train at high
+learning rates (Liu et al. 2020, Xiong et al. 2020); notebook 02 reproduces that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT. ``vocab_size`` comes from the corpus."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    block_size: int
+    vocab_size: int = 128
+    norm: str = "pre"
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_head
+
+
+# From a test-sized model (nano, ~32k parameters) to one worth a GPU (large, ~85M).
+PRESETS: dict[str, GPTConfig] = {
+    "nano": GPTConfig(n_layer=2, n_head=2, d_model=32, block_size=32),
+    "micro": GPTConfig(n_layer=4, n_head=4, d_model=64, block_size=64),
+    "small": GPTConfig(n_layer=4, n_head=4, d_model=128, block_size=128),
+    "medium": GPTConfig(n_layer=6, n_head=8, d_model=256, block_size=256),
+    "large": GPTConfig(n_layer=12, n_head=12, d_model=768, block_size=512),
+}
+
+
+def model_config(
+    preset: str, *, vocab_size: int, norm: str = "pre", block_size: int | None = None
+) -> GPTConfig:
+    """The preset's shape with the corpus vocabulary, norm placement and optional context length."""
+    cfg = replace(PRESETS[preset], vocab_size=vocab_size, norm=norm)
+    return replace(cfg, block_size=block_size) if block_size else cfg
+
+
+class Embedding(nn.Module):
+    """Token plus learned position embeddings."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.tok(idx) + self.pos(positions)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with separate q, k, v projections.
+
+    Separate projections (rather than one fused qkv) make the tensor-parallel split by heads a
+    plain column split of each matrix.
+    """
+
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(d_model, d_model)
+        # No key bias: it adds the same q.b to every score of a query, which softmax cancels, so
+        # its gradient is exactly zero in theory and float noise in practice (Adam would then
+        # turn that noise into full-size updates and break bitwise comparisons).
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output before the output projection, heads concatenated: [B, T, width]."""
+        b, t, _ = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, t, self.n_head, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
+        )
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.heads(x))
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward network, 4x wide, GELU."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.proj = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """One transformer block; ``norm`` picks pre-LN or post-LN residuals."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm = cfg.norm
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_head)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "pre":
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.mlp(x))
+
+
+class Head(nn.Module):
+    """Final layer norm (pre-LN models only; post-LN output is already normalised) and logits."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer: ``Embedding -> blocks -> Head``, returning logits [B, T, V]."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = Head(cfg)
+        self.apply(self._init)
+        # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def layers(self) -> list[nn.Module]:
+        """The layers in order, for cutting into pipeline stages: embedding, blocks, head."""
+        return [self.embed, *self.blocks, self.head]
+
+    def layer_names(self) -> list[str]:
+        """The state-dict prefix of each entry of ``layers()``."""
+        return ["embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "head"]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build_gpt(cfg: GPTConfig, seed: int) -> GPT:
+    """A GPT initialised from ``seed`` only, so every rank builds identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(cfg)
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (callers divide by the global token count)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+    )
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Parameters that take part in matrix multiplies: Linear weights (not biases, norms, tables)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token (forward + backward): ``6 N + 12 L d T``.
+
+    ``N`` counts the weights of matrix multiplies (embedding look-ups cost no FLOPs; the output
+    projection does), the attention term is ``QK^T`` and ``AV`` over the full context ``T``
+    (Kaplan et al. 2020; PaLM appendix B). Biases and layer norms are left out, as is customary.
+    """
+    d, layers, t = cfg.d_model, cfg.n_layer, cfg.block_size
+    n = layers * (4 * d * d + 8 * d * d) + d * cfg.vocab_size
+    return 6 * n + 12 * layers * d * t
+
+
+class DeepNet(nn.Module):
+    """A deep plain MLP (no normalisation, no residuals) whose gradients explode at large init.
+
+    With weights drawn at ``gain`` times the He scale, each layer multiplies the backward signal by
+    about ``gain``, so the first layers see gradients ``gain**depth`` larger than the last: the
+    clipping lesson's patient.
+    """
+
+    def __init__(self, depth: int = 24, width: int = 64, d_in: int = 16, gain: float = 1.6) -> None:
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.out = nn.Linear(width, 1)
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=gain * math.sqrt(2.0 / layer.in_features))
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.out(x)

@@ -1,0 +1,62 @@
+"""A recorder of measured events: which rank did what, for which step and micro-batch, and when.
+
+Every strategy records its phases (forward, backward, send, recv, allreduce, optimizer, ...) with
+``with timeline.span("forward", step, micro_batch):``. Times are ``time.perf_counter()`` seconds
+since a start instant that all ranks share (rank 0's clock is broadcast at start-up; on one machine
+``perf_counter`` is the same monotonic clock in every process), so spans from different ranks can
+be drawn on one Gantt chart and compared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+COLUMNS = ("rank", "step", "micro_batch", "phase", "start_s", "end_s")
+# Phases that move data between ranks; the rest is computation.
+COMM_PHASES = frozenset(
+    {"send", "recv", "allreduce", "allgather", "reduce_scatter", "broadcast", "wait"}
+)
+
+
+class Timeline:
+    """Collects (rank, step, micro_batch, phase, start_s, end_s) rows."""
+
+    def __init__(self, rank: int = 0, t0: float | None = None, enabled: bool = True) -> None:
+        self.rank = rank
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.enabled = enabled
+        self.rows: list[tuple[int, int, int, str, float, float]] = []
+
+    def now(self) -> float:
+        """Seconds since the shared start."""
+        return time.perf_counter() - self.t0
+
+    def add(self, phase: str, step: int, micro_batch: int, start_s: float, end_s: float) -> None:
+        """Record an event measured elsewhere (for example an async all-reduce's wait)."""
+        if self.enabled:
+            self.rows.append((self.rank, step, micro_batch, phase, start_s, end_s))
+
+    @contextmanager
+    def span(self, phase: str, step: int, micro_batch: int = -1) -> Iterator[None]:
+        """Time the body of a ``with`` block as one event (micro_batch -1: the whole step)."""
+        if not self.enabled:
+            yield
+            return
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(phase, step, micro_batch, start, self.now())
+
+    def durations(self, step: int) -> tuple[float, float]:
+        """(compute seconds, communication seconds) this rank recorded for ``step``."""
+        compute = comm = 0.0
+        for _, s, _, phase, start, end in self.rows:
+            if s == step:
+                if phase in COMM_PHASES:
+                    comm += end - start
+                else:
+                    compute += end - start
+        return compute, comm

@@ -1,0 +1,301 @@
+"""The one training loop. Every strategy, from a single process to a pipeline, runs through it.
+
+One optimizer step, in order:
+
+1. take this rank's rows of the global batch for this step (a pure function of seed and step),
+2. forward and backward over the micro-batches (the strategy: accumulation, pipelining, sharding),
+3. finish the gradient synchronisation (the strategy),
+4. unscale (fp16 only), then clip by the *global* norm over every shard and stage,
+5. skip the step if that norm is not finite (counted), or raise, as configured,
+6. optimizer step, scheduler step (once per optimizer step, never per micro-batch),
+7. record metrics, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from labkit import checkpoint as ckpt
+from labkit.clip import make_clipper
+from labkit.config import TrainConfig
+from labkit.data import global_batch, load_corpus, split_micro_batches, validation_batches
+from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
+from labkit.parallel import make_strategy
+from labkit.parallel.base import DistContext, Strategy, all_reduce_sum
+from labkit.schedules import get_schedule
+
+
+@dataclass
+class RankOutput:
+    """What one rank hands back: its metric rows, its timeline, facts about the run."""
+
+    metrics: list[dict[str, Any]]
+    timeline: list[tuple[int, int, int, str, float, float]]
+    info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = None
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    """The GPT this config trains, initialised from ``cfg.seed``, with ``cfg.freeze`` applied."""
+    corpus = load_corpus(cfg.corpus)
+    mcfg = model_config(
+        cfg.model, vocab_size=corpus.vocab_size, norm=cfg.norm, block_size=cfg.block_size
+    )
+    model = build_gpt(mcfg, cfg.seed)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in cfg.freeze:
+        matched = [n for n in names if n.startswith(prefix)]
+        if not matched:
+            raise ValueError(f"TrainConfig.freeze: {prefix!r} matches no parameter of the model")
+        for name in matched:
+            model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
+    """Fail on purpose when ``cfg.fault`` says so (the fault-tolerance lesson and its tests)."""
+    if cfg.fault is None:
+        return
+    kind, fault_rank, fault_step = cfg.fault.split(":")
+    if rank == int(fault_rank) and step == int(fault_step):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], group: Any = None) -> torch.Tensor:
+    """2-norm of all gradients, summed over the ranks of ``group`` (which hold disjoint pieces)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    if grads:
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    if group is not None:
+        for g in group if isinstance(group, (list, tuple)) else [group]:
+            all_reduce_sum(sq, group=g)
+    return sq.sqrt()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Holds the pieces of a run on one rank and steps them; ``train`` is the usual entry."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, t0: float | None = None) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.corpus = load_corpus(cfg.corpus)
+        model = build_model(cfg)
+        self.model_cfg = model.cfg
+        self.n_params = count_params(model)
+        self.strategy: Strategy = make_strategy(cfg, ctx, model)
+        if t0 is not None:
+            self.strategy.timeline.t0 = t0
+        if cfg.precision == "fp16":
+            self.strategy.scaler = torch.amp.GradScaler(ctx.device.type)
+        self.optimizer = self.strategy.make_optimizer()
+        self.schedule = get_schedule(
+            cfg.schedule,
+            peak_lr=cfg.lr,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            warmup=cfg.warmup,
+            min_lr=cfg.min_lr,
+            beta2=cfg.beta2,
+            **cfg.schedule_kwargs,
+        )
+        self.scheduler = self.schedule.as_scheduler(self.optimizer)
+        self.clipper = make_clipper(
+            cfg.clip,
+            max_norm=cfg.max_norm,
+            clip_value=cfg.clip_value,
+            agc_clip_factor=cfg.agc_clip_factor,
+            autoclip_percentile=cfg.autoclip_percentile,
+            zclip_z=cfg.zclip_z,
+            zclip_alpha=cfg.zclip_alpha,
+        )
+        self.val = validation_batches(
+            self.corpus,
+            seed=cfg.seed,
+            n_batches=cfg.eval_batches,
+            batch_size=min(cfg.global_batch_size, 16),
+            block_size=self.model_cfg.block_size,
+        )
+        self.step = 0
+        self.skipped = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.flops_per_token = flops_per_token(self.model_cfg)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Every rank writes its file atomically; rank 0 then points latest.json at them."""
+        root = self.cfg.checkpoint_dir
+        state = {
+            "step": self.step,
+            "model": self.strategy.local_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "clipper": self.clipper.state_dict(),
+            "scaler": self.strategy.scaler.state_dict() if self.strategy.scaler else None,
+            "rng": _rng_state(),
+            "skipped": self.skipped,
+            "metrics": self.metrics,
+        }
+        ckpt.save_atomic(state, ckpt.rank_file(root, self.step, self.ctx.rank))
+        self.ctx.barrier()  # every rank's file is on disk before latest.json names the step
+        if self.ctx.rank == 0:
+            ckpt.write_latest(root, self.step, self.cfg.to_dict())
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``cfg.checkpoint_dir`` if it holds a checkpoint; True if one was loaded."""
+        step = ckpt.check_compatible(self.cfg.checkpoint_dir, self.cfg.to_dict())
+        if step is None:
+            return False
+        state = ckpt.load_rank(self.cfg.checkpoint_dir, step, self.ctx.rank)
+        self.strategy.load_local_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.clipper.load_state_dict(state["clipper"])
+        if state["scaler"] is not None and self.strategy.scaler is not None:
+            self.strategy.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.skipped, self.metrics = step, state["skipped"], state["metrics"]
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns this rank's metrics row."""
+        cfg, s, step = self.cfg, self.strategy, self.step
+        _inject_fault(cfg, self.ctx.rank, step)
+        t_start = time.perf_counter()
+        s.comm_bytes = 0
+        x, y = global_batch(
+            self.corpus.train,
+            seed=cfg.seed,
+            step=step,
+            batch_size=cfg.global_batch_size,
+            block_size=self.model_cfg.block_size,
+        )
+        n_tokens = y.numel()
+        rows = s.batch_rows(len(x))
+        x, y = x[rows].to(s.ctx.device), y[rows].to(s.ctx.device)
+        micro = split_micro_batches(x, y, cfg.grad_accum_steps)
+
+        local_loss = s.forward_backward(micro, n_tokens, step)
+        s.finish_grad_sync(step)
+
+        with s.timeline.span("optimizer", step):
+            params = s.trainable_parameters()
+            if s.scaler is not None:
+                s.scaler.unscale_(self.optimizer)
+            norm = float(self.clipper(params, group=s.clip_group))
+            clipped = float(global_grad_norm(params, s.clip_group))
+            lr = self.optimizer.param_groups[0]["lr"]
+            finite = math.isfinite(norm)
+            if not finite and cfg.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite gradient norm {norm} at step {step} (TrainConfig.nonfinite='raise')"
+                )
+            if s.scaler is not None:
+                s.scaler.step(self.optimizer)  # skips by itself on inf/nan
+                s.scaler.update()
+            elif finite:
+                self.optimizer.step()
+            self.skipped += 0 if finite else 1
+            self.optimizer.zero_grad(set_to_none=True)
+            # The schedule advances once per optimizer step, skipped or not: the LR is a function
+            # of the step index, identical on every rank.
+            self.scheduler.step()
+
+        loss = s.reduce_loss(local_loss) / n_tokens
+        step_time = time.perf_counter() - t_start
+        compute_s, comm_s = s.timeline.durations(step)
+        local_tokens = sum(m[1].numel() for m in micro)
+        self.step += 1
+        return {
+            "step": step,
+            "rank": self.ctx.rank,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "grad_norm_clipped": clipped,
+            "skipped": not finite,
+            "step_time_s": step_time,
+            "tokens_per_s": local_tokens / step_time,
+            "global_tokens_per_s": n_tokens / step_time,
+            "flops_per_s": self.flops_per_token * local_tokens / step_time,
+            "compute_s": compute_s,
+            "comm_s": comm_s,
+            "comm_bytes": s.comm_bytes,
+            "val_loss": float("nan"),
+        }
+
+    def fit(self, on_step: Callable[[int], None] | None = None) -> RankOutput:
+        """Train from the current step to ``cfg.steps`` (or ``cfg.stop_after``)."""
+        cfg = self.cfg
+        if cfg.resume:
+            self.load_checkpoint()
+        end = cfg.stop_after if cfg.stop_after is not None else cfg.steps
+        while self.step < end:
+            row = self.train_step()
+            last = self.step == cfg.steps
+            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                row["val_loss"] = self.strategy.evaluate(self.val)
+            self.metrics.append(row)
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(self.step)
+        info = {
+            "n_params": self.n_params,
+            "flops_per_token": self.flops_per_token,
+            "skipped_steps": self.skipped,
+            "device": str(self.ctx.device),
+            "backend": self.ctx.backend,
+            "world_size": self.ctx.world_size,
+            "threads": torch.get_num_threads(),
+        }
+        state = self.strategy.full_state_dict()
+        self.strategy.close()
+        return RankOutput(self.metrics, list(self.strategy.timeline.rows), info, state)
+
+
+def train(
+    cfg: TrainConfig,
+    ctx: DistContext | None = None,
+    on_step: Callable[[int], None] | None = None,
+    t0: float | None = None,
+) -> RankOutput:
+    """Train on this rank (all ranks call it together in a multi-process run)."""
+    return Trainer(cfg, ctx or DistContext(), t0=t0).fit(on_step)
+
+
+def shared_clock(ctx: DistContext) -> float:
+    """Rank 0's ``perf_counter`` at start-up, broadcast so all timelines share one origin."""
+    t0 = torch.tensor([time.perf_counter()], dtype=torch.float64)
+    if ctx.distributed:
+        t0 = t0.to(ctx.device) if ctx.backend == "nccl" else t0
+        dist.broadcast(t0, src=0)
+    return float(t0.cpu())
