@@ -31,7 +31,7 @@ from labkit.config import TrainConfig
 from labkit.data import global_batch, load_corpus, split_micro_batches, validation_batches
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
 from labkit.parallel import make_strategy
-from labkit.parallel.base import DistContext, Strategy, all_reduce_sum
+from labkit.parallel.base import DistContext, Strategy
 from labkit.schedules import get_schedule
 
 
@@ -71,19 +71,6 @@ def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-
-
-def global_grad_norm(params: list[torch.nn.Parameter], group: Any = None) -> torch.Tensor:
-    """2-norm of all gradients, summed over the ranks of ``group`` (which hold disjoint pieces)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), device=device, dtype=torch.float32)
-    if grads:
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    if group is not None:
-        for g in group if isinstance(group, (list, tuple)) else [group]:
-            all_reduce_sum(sq, group=g)
-    return sq.sqrt()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -207,11 +194,10 @@ class Trainer:
         s.finish_grad_sync(step)
 
         with s.timeline.span("optimizer", step):
-            params = s.trainable_parameters()
             if s.scaler is not None:
                 s.scaler.unscale_(self.optimizer)
-            norm = float(self.clipper(params, group=s.clip_group))
-            clipped = float(global_grad_norm(params, s.clip_group))
+            norm = float(s.clip_gradients(self.clipper))
+            clipped = float(s.grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]
             finite = math.isfinite(norm)
             if not finite and cfg.nonfinite == "raise":

@@ -134,6 +134,20 @@ class Strategy:
     def finish_grad_sync(self, step: int) -> None:
         """Complete gradient synchronisation after the last backward (DP strategies)."""
 
+    def clip_gradients(self, clipper: Any) -> torch.Tensor:
+        """Clip this rank's gradients by the global norm; return the pre-clip global norm.
+
+        ``clipper`` is a ``labkit.clip.make_clipper`` object. ``clip_group`` tells it which ranks
+        hold disjoint pieces whose contributions must be combined.
+        """
+        return clipper(self.trainable_parameters(), group=self.clip_group)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global 2-norm of the current gradients (after clipping, for the metrics)."""
+        from labkit.clip import global_grad_norm
+
+        return global_grad_norm(self.trainable_parameters(), group=self.clip_group)
+
     def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
         """The global batch's summed loss from this rank's part (identical on every rank)."""
         return float(local_loss_sum)
