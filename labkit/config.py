@@ -118,6 +118,7 @@ class TrainConfig:
     stop_after: int | None = None
     progress: bool = True
     timeline: bool = True
+    layer_norms: bool = False  # record every parameter's pre-clip gradient norm each step
     # Fault injection for the fault-tolerance lesson and tests: "raise:RANK:STEP" or "kill:RANK:STEP".
     fault: str | None = None
 
@@ -184,8 +185,9 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
         if self.warmup_steps > self.steps:
             _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
-        if not isinstance(self.resume, bool):
-            _fail("resume", self.resume, "must be True or False")
+        for name in ("resume", "progress", "timeline", "layer_norms"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
         if self.resume and not self.checkpoint_dir:
             _fail("resume", self.resume, "needs checkpoint_dir to resume from")
         if self.checkpoint_every and not self.checkpoint_dir:

@@ -82,14 +82,18 @@ def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[st
     """Train on this rank and gather every rank's rows to rank 0 (which returns them)."""
     t0 = shared_clock(ctx)
     out = train(cfg, ctx, on_step=on_step, t0=t0)
-    payload = (out.metrics, out.timeline, out.info)
+    payload = (out.metrics, out.timeline, out.layer_norms)
     gathered: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
     dist.gather_object(payload, gathered if ctx.rank == 0 else None, dst=0)
     if ctx.rank != 0:
         return None
-    metrics = [row for m, _, _ in gathered for row in m]
-    timeline = [row for _, t, _ in gathered for row in t]
-    return {"metrics": metrics, "timeline": timeline, "info": out.info, "state": out.state}
+    return {
+        "metrics": [row for m, _, _ in gathered for row in m],
+        "timeline": [row for _, t, _ in gathered for row in t],
+        "layer_norms": [row for _, _, n in gathered for row in n],
+        "info": out.info,
+        "state": out.state,
+    }
 
 
 # ---------------------------------------------------------------------- inside a worker
@@ -248,9 +252,7 @@ def launch(cfg: TrainConfig) -> RunResult:
         logs = {r: (outdir / f"rank{r}.log").read_text(errors="replace") for r in range(len(procs))}
         _remove_tree(outdir)
     info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
-    return RunResult.from_ranks(
-        cfg, payload["metrics"], payload["timeline"], info, payload["state"], logs
-    )
+    return RunResult.from_ranks(cfg, payload, info, logs)
 
 
 def _remove_tree(path: Path) -> None:
@@ -282,7 +284,13 @@ def run_single(cfg: TrainConfig) -> RunResult:
         bar.close()
         torch.set_num_threads(previous_threads)
     info = dict(out.info, backend=None, world_size=1)
-    return RunResult.from_ranks(cfg, out.metrics, out.timeline, info, out.state)
+    payload = {
+        "metrics": out.metrics,
+        "timeline": out.timeline,
+        "layer_norms": out.layer_norms,
+        "state": out.state,
+    }
+    return RunResult.from_ranks(cfg, payload, info)
 
 
 def run(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
@@ -324,6 +332,4 @@ def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
     if payload is None:
         return None
     info = dict(payload["info"], backend=backend, world_size=world)
-    return RunResult.from_ranks(
-        cfg, payload["metrics"], payload["timeline"], info, payload["state"]
-    )
+    return RunResult.from_ranks(cfg, payload, info)

@@ -19,6 +19,7 @@ class RunResult:
     ``metrics``: one row per (step, rank) with at least ``step, rank, loss, lr, grad_norm,
     grad_norm_clipped, step_time_s, tokens_per_s``; ``grad_norm`` is the global norm before clipping.
     ``timeline``: measured events ``rank, step, micro_batch, phase, start_s, end_s``.
+    ``layer_norms``: ``step, rank, name, grad_norm`` per parameter (with ``layer_norms=True``).
     """
 
     config: TrainConfig
@@ -26,26 +27,31 @@ class RunResult:
     timeline: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
     logs: dict[int, str] = field(default_factory=dict)
+    layer_norms: pd.DataFrame = field(default_factory=pd.DataFrame)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_ranks(
         cls,
         config: TrainConfig,
-        metrics: list[dict[str, Any]],
-        timeline: list[tuple],
+        payload: dict[str, Any],
         info: dict[str, Any],
-        state: dict[str, torch.Tensor] | None,
         logs: dict[int, str] | None = None,
     ) -> RunResult:
-        """Assemble a result from the rows gathered from every rank."""
-        frame = pd.DataFrame(metrics)
+        """Assemble a result from the rows gathered from every rank.
+
+        ``payload`` holds ``metrics`` (dicts), ``timeline`` and ``layer_norms`` (tuples) and
+        ``state`` (the full state dict, or None).
+        """
+        frame = pd.DataFrame(payload["metrics"])
         if len(frame):
             frame = frame.sort_values(["step", "rank"], kind="stable").reset_index(drop=True)
-        tl = pd.DataFrame(timeline, columns=list(TIMELINE_COLUMNS))
+        tl = pd.DataFrame(payload["timeline"], columns=list(TIMELINE_COLUMNS))
         if len(tl):
             tl = tl.sort_values(["rank", "start_s"], kind="stable").reset_index(drop=True)
-        return cls(config, frame, tl, info, logs or {}, state or {})
+        norms = pd.DataFrame(payload["layer_norms"], columns=["step", "rank", "name", "grad_norm"])
+        state = payload["state"] or {}
+        return cls(config, frame, tl, info, logs or {}, norms, state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained model's parameters and buffers on CPU, keyed as ``GPT.state_dict()``."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import checkpoint as ckpt
-from labkit.clip import make_clipper
+from labkit.clip import make_clipper, per_layer_grad_norms
 from labkit.config import TrainConfig
 from labkit.data import global_batch, load_corpus, split_micro_batches, validation_batches
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
@@ -43,6 +43,7 @@ class RankOutput:
     timeline: list[tuple[int, int, int, str, float, float]]
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
+    layer_norms: list[tuple[int, int, str, float]] = field(default_factory=list)
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -132,6 +133,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.metrics: list[dict[str, Any]] = []
+        self.layer_norms: list[tuple[int, int, str, float]] = []
         self.flops_per_token = flops_per_token(self.model_cfg)
 
     # ------------------------------------------------------------------ checkpoints
@@ -196,6 +198,9 @@ class Trainer:
         with s.timeline.span("optimizer", step):
             if s.scaler is not None:
                 s.scaler.unscale_(self.optimizer)
+            if cfg.layer_norms:
+                for name, value in per_layer_grad_norms(s.module).items():
+                    self.layer_norms.append((step, self.ctx.rank, name, value))
             norm = float(s.clip_gradients(self.clipper))
             clipped = float(s.grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]
@@ -265,7 +270,8 @@ class Trainer:
         }
         state = self.strategy.full_state_dict()
         self.strategy.close()
-        return RankOutput(self.metrics, list(self.strategy.timeline.rows), info, state)
+        timeline = list(self.strategy.timeline.rows)
+        return RankOutput(self.metrics, timeline, info, state, self.layer_norms)
 
 
 def train(
