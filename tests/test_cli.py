@@ -1,0 +1,55 @@
+"""The labkit command: trains, writes CSV, fails with one line on bad input."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+
+def _labkit(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "labkit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_train_runs_and_writes_csv(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    proc = _labkit(
+        "train",
+        "--model",
+        "nano",
+        "--steps",
+        "6",
+        "--global-batch-size",
+        "4",
+        "--progress",
+        "false",
+        "--csv",
+        str(csv),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(csv)
+    assert frame["step"].tolist() == list(range(6))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(frame.columns)
+    assert "loss" in proc.stdout and "metrics written to" in proc.stdout
+
+
+def test_bad_flag_is_one_line_not_a_traceback(tmp_path):
+    for args in (["--world-size", "two"], ["--lr", "-3"], ["--strategy", "warp"]):
+        proc = _labkit("train", *args, cwd=tmp_path)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "error" in lines[0]
+
+
+def test_help_shows_defaults(tmp_path):
+    proc = _labkit("train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "--global-batch-size" in proc.stdout and "(default: 32)" in proc.stdout
