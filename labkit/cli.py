@@ -148,10 +148,12 @@ def _train(args: argparse.Namespace) -> int:
     result.to_csv(args.csv)
     with_pd_options(lambda: print(result.summary().to_string(float_format=lambda v: f"{v:.4g}")))
     first, last = result.losses.iloc[0], result.losses.iloc[-1]
+    val = result.metrics[result.metrics["rank"] == 0].dropna(subset=["val_loss"])
+    val_text = " -> ".join(f"{v:.3f} (step {s + 1})" for s, v in zip(val.step, val.val_loss))
     print(
-        f"\n{cfg.strategy} x{cfg.world_size}, {cfg.steps} steps: loss {first:.3f} -> {last:.3f}, "
-        f"validation loss {result.final_val_loss:.3f}, {result.info.get('wall_s', 0):.1f} s; "
-        f"metrics written to {args.csv}"
+        f"\n{cfg.strategy} x{cfg.world_size}, {cfg.steps} steps in "
+        f"{result.info.get('wall_s', 0):.1f} s: training loss {first:.3f} -> {last:.3f}; "
+        f"validation loss {val_text}; metrics written to {args.csv}"
     )
     return 0
 

@@ -70,8 +70,8 @@ class TrainConfig:
     block_size: int | None = None
     corpus: str = "pydoc"
     # How long and how much per optimizer step.
-    steps: int = 200
-    global_batch_size: int = 32
+    steps: int = 100
+    global_batch_size: int = 16
     grad_accum_steps: int = 1
     micro_batches: int = 1
     seed: int = 0
@@ -110,7 +110,7 @@ class TrainConfig:
     timeout_s: float = 60.0
     freeze: tuple[str, ...] = ()
     # Evaluation, checkpoints, output.
-    eval_every: int = 0
+    eval_every: int = 20
     eval_batches: int = 4
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0

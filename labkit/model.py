@@ -41,7 +41,7 @@ class GPTConfig:
 PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_layer=2, n_head=2, d_model=32, block_size=32),
     "micro": GPTConfig(n_layer=4, n_head=4, d_model=64, block_size=64),
-    "small": GPTConfig(n_layer=4, n_head=4, d_model=128, block_size=128),
+    "small": GPTConfig(n_layer=4, n_head=4, d_model=128, block_size=64),
     "medium": GPTConfig(n_layer=6, n_head=8, d_model=256, block_size=256),
     "large": GPTConfig(n_layer=12, n_head=12, d_model=768, block_size=512),
 }
