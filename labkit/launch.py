@@ -325,6 +325,7 @@ def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     ctx = DistContext(rank, world, local_rank, device, backend)
+    t_start = time.perf_counter()
     try:
         payload = run_rank(cfg, ctx)
     finally:
@@ -332,4 +333,5 @@ def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
     if payload is None:
         return None
     info = dict(payload["info"], backend=backend, world_size=world)
+    info["wall_s"] = time.perf_counter() - t_start
     return RunResult.from_ranks(cfg, payload, info)
