@@ -157,10 +157,13 @@ def _worker(
 
 
 # ---------------------------------------------------------------------- in the parent
+def _read(path: Path) -> str:
+    """A log file's text, or "" if the worker never got as far as creating it."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _tail(path: Path, lines: int = 15) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "\n".join(_read(path).splitlines()[-lines:])
 
 
 def _root_cause(procs: list[Any], outdir: Path) -> WorkerError:
@@ -249,7 +252,7 @@ def launch(cfg: TrainConfig) -> RunResult:
     finally:
         _stop(procs)
         bar.close()
-        logs = {r: (outdir / f"rank{r}.log").read_text(errors="replace") for r in range(len(procs))}
+        logs = {r: _read(outdir / f"rank{r}.log") for r in range(len(procs))}
         _remove_tree(outdir)
     info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
     return RunResult.from_ranks(cfg, payload, info, logs)

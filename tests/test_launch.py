@@ -67,3 +67,21 @@ def test_run_gathers_every_rank():
     assert (per_step["loss"].nunique() == 1).all()
     assert (per_step["lr"].nunique() == 1).all()
     assert result.logs.keys() == {0, 1}
+
+
+def test_interrupt_stops_every_worker_and_the_caller_stays_usable():
+    # What a notebook's "interrupt kernel" does: KeyboardInterrupt in the main thread mid-run.
+    import _thread
+
+    timer = threading.Timer(6.0, _thread.interrupt_main)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            labkit.run(strategy="dp-naive", **{**DP, "steps": 100_000})
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 30
+    _assert_no_workers_left()
+    # The same process can start the next run right away.
+    assert len(labkit.run(strategy="dp-naive", **DP).metrics) == 2 * DP["steps"]
