@@ -1,0 +1,1 @@
+"""Small helpers that set up each notebook's demonstrations (toys and one-off measurements)."""
