@@ -1,0 +1,216 @@
+"""Figures for notebook 02, learning-rate schedules and warm-up. Every function returns a Figure.
+
+* ``plot_lr_curves``: LR against optimizer step for one or more schedules (the designer's figure).
+* ``plot_warmup_grid``: the warm-up experiment: loss curves of {pre-LN, post-LN} x {no warm-up,
+  warm-up}, one panel per norm placement, and the LR each run used underneath.
+* ``plot_schedule_runs``: loss and LR of a few runs that differ only in their schedule
+  (cosine vs WSD).
+* ``plot_untuned_warmup``: Ma & Yarats' untuned warm-up factor for several values of Adam's beta2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from labkit.plots.common import new_figure
+from labkit.schedules import Schedule, get_schedule
+
+__all__ = [
+    "plot_lr_curves",
+    "plot_schedule_runs",
+    "plot_untuned_warmup",
+    "plot_warmup_grid",
+    "smooth",
+]
+
+
+def smooth(values: Sequence[float] | pd.Series, window: int = 10) -> np.ndarray:
+    """Trailing moving average over ``window`` steps (shorter at the start), for noisy losses.
+
+    The loss of one small batch jumps around by a few tenths; averaging ~10 steps shows the trend
+    without shifting it much.
+    """
+    series = pd.Series(np.asarray(values, dtype=float))
+    return series.rolling(max(1, window), min_periods=1).mean().to_numpy()
+
+
+def _rank0(run: Any) -> pd.DataFrame:
+    """Rank 0's metric rows of a RunResult (every rank logs the same loss and LR)."""
+    m = run.metrics
+    return m[m["rank"] == 0]
+
+
+def plot_lr_curves(
+    curves: Mapping[str, Sequence[float] | Schedule],
+    *,
+    highlight: str | None = None,
+    title: str = "Learning rate per optimizer step",
+    logy: bool = False,
+) -> Figure:
+    """LR against optimizer step, one line per entry of ``curves`` (label -> LRs or Schedule).
+
+    ``highlight`` names the entry drawn thick and black (the designer's current schedule); the
+    others are thinner, in colour, for comparison.
+    """
+    fig, ax = new_figure(width=7.5, height=3.4)
+    for i, (label, curve) in enumerate(curves.items()):
+        values = curve.curve() if isinstance(curve, Schedule) else list(curve)
+        if label == highlight:
+            ax.plot(values, color="black", linewidth=2.4, label=label, zorder=3)
+        else:
+            ax.plot(values, color=f"C{i % 10}", linewidth=1.4, alpha=0.85, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_warmup_grid(
+    runs: Mapping[tuple[str, str], Any],
+    *,
+    window: int = 10,
+    plateau: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Loss curves of the warm-up experiment: ``runs[(norm, warm-up label)] -> RunResult``.
+
+    One column per norm placement ("pre", "post"), each with one line per warm-up setting (the
+    training loss smoothed over ``window`` steps, the raw loss faintly behind it). A small panel
+    under each shows the LR the runs used, so the warm-up is visible next to its effect.
+    ``plateau`` (e.g. the unigram loss) is drawn as a dashed line. The loss axis stops a little
+    above the initial loss; a spike above it is marked with an arrow and its height.
+    """
+    norms = list(dict.fromkeys(norm for norm, _ in runs))
+    labels = list(dict.fromkeys(label for _, label in runs))
+    fig, axes = new_figure(ncols=len(norms), nrows=2, width=5.0, height=2.6)
+    axes = np.asarray(axes).reshape(2, len(norms))
+    frames = {key: _rank0(run) for key, run in runs.items()}
+    # Every run starts from the same initial loss: show a little above it, down to the best.
+    top = max(float(m["loss"].iloc[0]) for m in frames.values()) + 0.5
+    smoothed = np.concatenate([smooth(m["loss"], window) for m in frames.values()])
+    smoothed = smoothed[np.isfinite(smoothed)]
+    bottom = float(smoothed.min()) - 0.2 if len(smoothed) else 0.0
+    for j, norm in enumerate(norms):
+        ax_loss, ax_lr = axes[0, j], axes[1, j]
+        for i, label in enumerate(labels):
+            if (norm, label) not in frames:
+                continue
+            m = frames[(norm, label)]
+            color = f"C{i}"
+            ax_loss.plot(m["step"], m["loss"], color=color, alpha=0.2, linewidth=0.8)
+            ax_loss.plot(m["step"], smooth(m["loss"], window), color=color, label=label)
+            ax_lr.plot(m["step"], m["lr"], color=color, label=label)
+            # Keep the axis readable, but do not hide a spike: point at it and give its height.
+            high = m[m["loss"] > top]
+            if len(high):
+                worst = high.loc[high["loss"].idxmax()]
+                ax_loss.annotate(
+                    f"spike: {worst['loss']:.3g}",
+                    xy=(worst["step"], top),
+                    xytext=(worst["step"] + 0.08 * len(m), top - 0.35),
+                    arrowprops={"arrowstyle": "->", "color": color},
+                    color=color,
+                    fontsize=8,
+                )
+        if plateau is not None:
+            ax_loss.axhline(
+                plateau, color="gray", linestyle="--", linewidth=1, label="unigram loss"
+            )
+        ax_loss.set_ylim(bottom, top)
+        ax_loss.set_title(f"{norm}-LN GPT")
+        ax_loss.set_ylabel("training loss")
+        ax_loss.legend(fontsize=8)
+        ax_loss.grid(alpha=0.3)
+        ax_lr.set_xlabel("optimizer step")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_ylim(bottom=0)
+        ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_schedule_runs(
+    runs: Mapping[str, Any], *, window: int = 10, title: str = "Same steps, different schedule"
+) -> Figure:
+    """Loss (smoothed over ``window`` steps, validation points as markers) and LR of several runs.
+
+    ``runs`` maps a label to a RunResult; the runs should differ only in their schedule.
+    """
+    fig, (ax_loss, ax_lr) = new_figure(ncols=2, width=5.0, height=3.2)
+    for i, (label, run) in enumerate(runs.items()):
+        m = _rank0(run)
+        ax_loss.plot(m["step"], smooth(m["loss"], window), color=f"C{i}", label=f"{label} (train)")
+        val = m.dropna(subset=["val_loss"])
+        if len(val):
+            ax_loss.plot(
+                val["step"],
+                val["val_loss"],
+                "o--",
+                color=f"C{i}",
+                markersize=4,
+                linewidth=0.8,
+                label=f"{label} (validation)",
+            )
+        ax_lr.plot(m["step"], m["lr"], color=f"C{i}", label=label)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("Loss")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_ylim(bottom=0)
+    ax_lr.set_title("Learning rate")
+    ax_lr.legend(fontsize=8)
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_untuned_warmup(
+    beta2s: Sequence[float] = (0.98, 0.99, 0.995, 0.999),
+    *,
+    total_steps: int = 5000,
+    kinds: Sequence[str] = ("untuned_linear", "untuned_exponential"),
+) -> Figure:
+    """The untuned warm-up factor (LR / peak LR) of Ma & Yarats 2019 for several Adam beta2.
+
+    Solid lines: ``untuned_linear`` (2/(1-beta2) steps); dashed: ``untuned_exponential`` (time
+    constant 1/(1-beta2)). A constant schedule is used so that only the warm-up shows.
+    """
+    fig, ax = new_figure(width=7.5, height=3.4)
+    styles = {"untuned_linear": "-", "untuned_exponential": "--"}
+    for i, beta2 in enumerate(beta2s):
+        for kind in kinds:
+            sched = get_schedule(
+                "constant", peak_lr=1.0, total_steps=total_steps, warmup=kind, beta2=beta2
+            )
+            short = "linear" if kind == "untuned_linear" else "exponential"
+            ax.plot(
+                sched.curve(),
+                styles[kind],
+                color=f"C{i}",
+                label=f"beta2={beta2}, {short} ({sched.warmup_length:g} steps)"
+                if kind == "untuned_linear"
+                else f"beta2={beta2}, {short}",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("LR / peak LR")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Untuned warm-up (Ma & Yarats 2019): the length comes from Adam's beta2")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return fig
