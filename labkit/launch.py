@@ -154,6 +154,9 @@ def _worker(
         log.flush()
         os._exit(1)  # skip atexit/NCCL teardown that could hang on a broken group
     log.flush()
+    # Skip interpreter teardown: c10d's background threads occasionally abort in it
+    # ("terminate called without an active exception", ~1 run in 20), after all work is done.
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------- in the parent
@@ -189,6 +192,7 @@ def _root_cause(procs: list[Any], outdir: Path) -> WorkerError:
 
 def _stop(procs: list[Any]) -> None:
     """Terminate, then kill, every child still alive, and reap them all."""
+    procs = [p for p in procs if p.pid is not None]  # a failed start leaves nothing to stop
     for p in procs:
         if p.is_alive():
             p.terminate()

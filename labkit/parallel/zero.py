@@ -1,0 +1,521 @@
+"""Sharding the training state across data-parallel ranks: ZeRO-1 and FSDP (ZeRO-3).
+
+Plain data parallelism keeps a full copy of everything on every rank: in fp32 with Adam that is
+4 bytes per parameter for the weights, 4 for the gradients and 8 for Adam's two moments, 16 in
+all. ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models") notices that the ranks hold *identical* copies and shards them instead:
+
+==========  =========================  =====================================================
+stage       sharded across N ranks     bytes per rank (fp32, Adam; Psi = parameter count)
+==========  =========================  =====================================================
+DP          nothing                    (4 + 4 + 8) Psi
+ZeRO-1      optimizer state            (4 + 4 + 8/N) Psi          ``ShardedOptimizer`` here
+ZeRO-2      + gradients                (4 + (4 + 8)/N) Psi
+ZeRO-3      + parameters               16 Psi / N                 torch FSDP2 ``fully_shard``
+==========  =========================  =====================================================
+
+This file has, top to bottom:
+
+1. ``ShardedOptimizer``: ZeRO stage 1 as a ``torch.optim.Optimizer``. Each rank owns a subset of
+   the parameters, keeps optimizer state for those only, updates them, and broadcasts them.
+2. ``Zero1Strategy`` (``zero1``): bucketed gradient averaging plus ``ShardedOptimizer``.
+3. ``FSDPStrategy`` (``fsdp``): torch's FSDP2, each transformer block and the root sharded.
+4. ``zero_memory_formula`` and ``memory_per_rank``: the paper's formulas next to the bytes each
+   rank really holds, as DataFrames for the notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from labkit.parallel.data_parallel import BucketedDPStrategy, DataParallelStrategy, broadcast_module
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "FSDPStrategy",
+    "ShardedOptimizer",
+    "Zero1Strategy",
+    "measure_memory",
+    "memory_per_rank",
+    "partition_by_size",
+    "zero_memory_formula",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. ZeRO-1: the sharded optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def partition_by_size(sizes: list[int], n_ranks: int) -> list[int]:
+    """Owner rank of each item: largest first, each to the least-loaded rank (ties: lowest rank).
+
+    Deterministic, so every rank computes the same partition without talking to the others.
+    """
+    owners = [0] * len(sizes)
+    load = [0] * n_ranks
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(n_ranks), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += sizes[i]
+    return owners
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """ZeRO stage 1: each rank keeps the optimizer state of its own shard of the parameters.
+
+    ``ShardedOptimizer(params, optimizer_cls, group=None, **optimizer_kwargs)`` splits the
+    parameters among the ranks of ``group`` (greedily by size) and builds an ``optimizer_cls``
+    over this rank's share only, so Adam's moments take ``1/N`` of the memory. ``step()`` updates
+    the owned parameters with the (already averaged) gradients, then every owner broadcasts its
+    updated parameters to the other ranks. With the same gradients on every rank the parameters
+    end up exactly as ``optimizer_cls`` alone would leave them.
+
+    To make that broadcast one message per rank, each rank's parameters are moved into one flat
+    buffer on construction (``p.data`` becomes a view of it, as torch's
+    ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)`` does): build it after the model
+    is on its device, and do not re-create the parameters afterwards.
+
+    ``param_groups`` hold every parameter and every hyper-parameter: an LR scheduler sets
+    ``param_groups[i]["lr"]`` here and ``step()`` hands it to the inner optimizer.
+    ``state_dict()`` is this rank's shard (one file per rank; resume with the same world size).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_cls: type[torch.optim.Optimizer],
+        group: ProcessGroup | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self._ready = False
+        super().__init__(params, dict(optimizer_kwargs))
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        # A context manager factory wrapped around the parameter exchange (the training loop
+        # uses it to time the broadcast); None: no timing.
+        self.exchange_span: Callable[[], AbstractContextManager[Any]] | None = None
+
+        everything = [p for g in self.param_groups for p in g["params"]]
+        kinds = {(p.dtype, p.device) for p in everything}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"ShardedOptimizer needs all parameters on one device with one dtype, got {kinds}"
+            )
+        self.owners = partition_by_size([p.numel() for p in everything], self.world_size)
+        owner_of = {id(p): r for p, r in zip(everything, self.owners, strict=True)}
+        self.shards = self._flatten_into_shards(everything)
+        # The inner optimizer sees only this rank's parameters, group by group, with the same
+        # hyper-parameters. (A group may be empty on a rank: that is allowed.)
+        self.optim = optimizer_cls(
+            [
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": [p for p in g["params"] if owner_of[id(p)] == self.rank],
+                }
+                for g in self.param_groups
+            ],
+            **optimizer_kwargs,
+        )
+        # Show the inner optimizer's defaults (lr, betas, ...) in our groups too, so that
+        # param_groups[0]["lr"] exists even when lr was left to optimizer_cls's default.
+        for outer, inner in zip(self.param_groups, self.optim.param_groups, strict=True):
+            for key, value in inner.items():
+                if key != "params":
+                    outer.setdefault(key, value)
+        self._ready = True
+
+    @torch.no_grad()
+    def _flatten_into_shards(self, everything: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One flat buffer per rank holding its parameters; the parameters become views of it."""
+        shards = []
+        for rank in range(self.world_size):
+            mine = [p for p, owner in zip(everything, self.owners, strict=True) if owner == rank]
+            like = everything[0] if everything else torch.empty(0)
+            flat = torch.empty(sum(p.numel() for p in mine), dtype=like.dtype, device=like.device)
+            offset = 0
+            for p in mine:
+                view = flat[offset : offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+            shards.append(flat)
+        return shards
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the partition is fixed once it is made."""
+        if getattr(self, "_ready", False):
+            raise NotImplementedError("ShardedOptimizer cannot take new parameter groups")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Update this rank's shard with the inner optimizer, then exchange the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # The scheduler wrote into *our* param_groups: pass every hyper-parameter on.
+        for outer, inner in zip(self.param_groups, self.optim.param_groups, strict=True):
+            for key, value in outer.items():
+                if key != "params":
+                    inner[key] = value
+        self.optim.step()
+        with self.exchange_span() if self.exchange_span else nullcontext():
+            self.exchange_parameters()
+        return loss
+
+    @torch.no_grad()
+    def exchange_parameters(self) -> None:
+        """Every owner broadcasts its flat shard; afterwards all ranks hold every parameter."""
+        works = [
+            dist.broadcast(flat, group=self.group, group_src=rank, async_op=True)
+            for rank, flat in enumerate(self.shards)
+            if flat.numel()
+        ]
+        for work in works:
+            work.wait()
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of parameters one exchange broadcasts (all shards together)."""
+        return sum(flat.numel() * flat.element_size() for flat in self.shards)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: the inner optimizer's state plus the shared hyper-parameters."""
+        return {
+            "shard": self.optim.state_dict(),
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.param_groups
+            ],
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "owners": list(self.owners),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a shard saved by ``state_dict()`` on the same rank of the same partition."""
+        if state_dict["world_size"] != self.world_size or state_dict["owners"] != self.owners:
+            raise ValueError(
+                f"ShardedOptimizer.load_state_dict: the state was saved with world_size="
+                f"{state_dict['world_size']} and another partition of the parameters; "
+                f"this optimizer has world_size={self.world_size}"
+            )
+        if state_dict["rank"] != self.rank:
+            raise ValueError(
+                f"ShardedOptimizer.load_state_dict: rank {self.rank} got rank "
+                f"{state_dict['rank']}'s shard"
+            )
+        self.optim.load_state_dict(state_dict["shard"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            group.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The zero1 strategy
+# ---------------------------------------------------------------------------------------------
+
+
+class Zero1Strategy(BucketedDPStrategy):
+    """``zero1``: gradients averaged in buckets (as ``dp-bucketed``), optimizer state sharded.
+
+    Clipping is *replicated*: after the all-reduce every rank holds the full averaged gradient
+    (ZeRO-1 shards only the optimizer state), so each rank computes the same global norm locally
+    with no extra communication (``clip_group`` stays None). The parameter broadcast after the
+    optimizer step appears as ``broadcast`` spans, and ``comm_bytes`` counts gradient bytes
+    all-reduced plus parameter bytes broadcast.
+    """
+
+    name = "zero1"
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """A ``ShardedOptimizer`` around the configured optimizer."""
+        cls, kwargs = self.cfg.optimizer_spec()
+        self.optimizer = ShardedOptimizer(self.trainable_parameters(), cls, **kwargs)
+        self.optimizer.exchange_span = self._exchange_span
+        self._step = 0
+        return self.optimizer
+
+    def finish_grad_sync(self, step: int) -> None:
+        """Average the gradients (remembering the step for the broadcast's span)."""
+        self._step = step
+        super().finish_grad_sync(step)
+
+    @contextmanager
+    def _exchange_span(self) -> Iterator[None]:
+        with self.timeline.span("broadcast", self._step):
+            yield
+        self.comm_bytes += self.optimizer.param_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. FSDP2 (ZeRO-3)
+# ---------------------------------------------------------------------------------------------
+
+
+class FSDPStrategy(DataParallelStrategy):
+    """``fsdp``: torch FSDP2 ``fully_shard`` on every transformer block and on the root.
+
+    Parameters, gradients and optimizer state are all sharded (dim 0, one piece per rank). A
+    block's parameters are all-gathered just before its forward and backward and freed after;
+    gradients are reduce-scattered (averaged) at the end of backward. Works on CPU with Gloo.
+
+    * Clipping: each rank holds disjoint pieces of the gradients (``DTensor`` shards), so the
+      local pieces are clipped with ``group=`` the mesh's process group: every rank combines the
+      pieces' norms into the same global norm.
+    * Accumulation: ``set_requires_gradient_sync(False)`` on all but the last micro-batch.
+    * ``full_state_dict`` gathers a full CPU state dict on rank 0
+      (``torch.distributed.checkpoint.state_dict``); checkpoints hold each rank's local shards.
+    * ``comm_bytes`` is computed from the sharding plan (FSDP's collectives are internal): per
+      micro-batch an all-gather of every parameter for forward and of the blocks' for backward
+      (the root keeps its parameters until backward), plus one reduce-scatter of the gradients.
+    """
+
+    name = "fsdp"
+
+    def setup(self) -> None:
+        """Shard each block, then the root (which takes the embedding and the head)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        broadcast_module(self.module)  # shards are cut from each rank's copy: make them agree
+        self.mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
+        blocks = list(getattr(self.module, "blocks", []))
+        for block in blocks:
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(self.module, mesh=self.mesh)
+        self.model = self.module
+        self.clip_group = self.mesh.get_group()
+
+        def nbytes(params: Iterable[nn.Parameter]) -> int:
+            return sum(p.numel() * p.element_size() for p in params)
+
+        all_params = list(self.module.parameters())
+        block_params = [p for b in blocks for p in b.parameters()]
+        self._gather_bytes = nbytes(all_params) + nbytes(block_params)
+        self._scatter_bytes = nbytes(p for p in all_params if p.requires_grad)
+
+    @contextmanager
+    def _without_grad_sync(self) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def no_sync(self) -> AbstractContextManager[Any]:
+        """Accumulate unsharded gradients locally; no reduce-scatter."""
+        return self._without_grad_sync()
+
+    def finish_grad_sync(self, step: int) -> None:
+        """FSDP reduce-scattered during backward; count the bytes of the plan."""
+        self.comm_bytes += self.cfg.grad_accum_steps * self._gather_bytes + self._scatter_bytes
+
+    def _local_pieces(self) -> list[torch.Tensor]:
+        """This rank's shards as plain tensors whose ``.grad`` is its gradient shard.
+
+        They share storage with the DTensors, so clipping them in place clips the real
+        gradients; any clipper of ``labkit.clip`` takes them with ``group=self.clip_group``.
+        """
+        pieces = []
+        for p in self.trainable_parameters():
+            piece = p.detach().to_local()
+            piece.grad = None if p.grad is None else p.grad.to_local()
+            pieces.append(piece)
+        return pieces
+
+    def clip_gradients(self, clipper: Any) -> torch.Tensor:
+        """Clip the local shards by the global norm (combined across the mesh)."""
+        return clipper(self._local_pieces(), group=self.clip_group)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global 2-norm of the sharded gradients."""
+        from labkit.clip import global_grad_norm
+
+        return global_grad_norm(self._local_pieces(), group=self.clip_group)
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's shards, as plain tensors (keyed like the model's state dict)."""
+        return {
+            k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+            for k, v in self.module.state_dict().items()
+        }
+
+    @torch.no_grad()
+    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved shards back into this rank's pieces."""
+        for k, v in self.module.state_dict().items():
+            (v.to_local() if hasattr(v, "to_local") else v).copy_(state[k])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gather the full model on rank 0 (CPU, unwrapped names); None on the other ranks."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        if self.ctx.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Memory per rank: the paper's formulas and the measured bytes
+# ---------------------------------------------------------------------------------------------
+
+# Which ZeRO stage each strategy is.
+PAPER_STAGE = {
+    "single": "DP",
+    "dp-naive": "DP",
+    "dp-bucketed": "DP",
+    "ddp": "DP",
+    "zero1": "ZeRO-1",
+    "fsdp": "ZeRO-3",
+}
+
+
+def zero_memory_formula(
+    n_params: int,
+    world_size: int,
+    *,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    optimizer_bytes: int = 8,
+) -> pd.DataFrame:
+    """Bytes per rank for parameters, gradients and optimizer state at each ZeRO stage.
+
+    The defaults are fp32 training with Adam (two fp32 moments per parameter); the paper's own
+    table uses mixed precision (2 + 2 + 12 bytes).
+    """
+    import pandas as pd
+
+    psi, n = n_params, world_size
+    shard = {
+        "DP": (1, 1, 1),
+        "ZeRO-1": (1, 1, n),
+        "ZeRO-2": (1, n, n),
+        "ZeRO-3": (n, n, n),
+    }
+    rows = []
+    for stage, (dp, dg, do) in shard.items():
+        p, g, o = param_bytes * psi / dp, grad_bytes * psi / dg, optimizer_bytes * psi / do
+        rows.append(
+            {
+                "stage": stage,
+                "world_size": n,
+                "params_bytes": p,
+                "grads_bytes": g,
+                "optimizer_bytes": o,
+                "total_bytes": p + g + o,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        if hasattr(t, "to_local"):  # a DTensor: this rank holds its local piece
+            t = t.to_local()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state, right now.
+
+    Counts distinct storages, so gradients that are views of a bucket count as the bucket, and
+    a sharded parameter counts its (padded) local shard. Transient buffers (FSDP's all-gathered
+    parameters during forward, DDP's internal bucket copies) are not included.
+    """
+    params = list(model.parameters())
+    inner = optimizer.optim if isinstance(optimizer, ShardedOptimizer) else optimizer
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "params_bytes": _storage_bytes(params),
+        "grads_bytes": _storage_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer_bytes": _storage_bytes(state),
+    }
+
+
+def _memory_worker(
+    rank: int, world_size: int, strategies: tuple[str, ...], model: str
+) -> list[dict[str, Any]]:
+    """On each rank: one step of each strategy, then its resident bytes with gradients present."""
+    from labkit.config import TrainConfig
+    from labkit.data import global_batch, split_micro_batches
+    from labkit.parallel.base import DistContext
+    from labkit.train import Trainer
+
+    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
+    rows = []
+    for name in strategies:
+        cfg = TrainConfig(
+            model=model,
+            strategy=name,
+            world_size=world_size,
+            steps=2,
+            global_batch_size=2 * world_size,
+            optimizer="adam",
+            progress=False,
+            timeline=False,
+        )
+        trainer = Trainer(cfg, ctx)
+        trainer.train_step()  # creates the optimizer state (then frees the gradients)
+        s = trainer.strategy
+        x, y = global_batch(
+            trainer.corpus.train,
+            seed=cfg.seed,
+            step=1,
+            batch_size=cfg.global_batch_size,
+            block_size=trainer.model_cfg.block_size,
+        )
+        rows_ = s.batch_rows(len(x))
+        s.forward_backward(split_micro_batches(x[rows_], y[rows_], 1), y.numel(), 1)
+        s.finish_grad_sync(1)  # gradients as they are when the optimizer would step
+        measured = measure_memory(s.model, trainer.optimizer)
+        n_params = sum(p.numel() for p in trainer.strategy.module.parameters() if p.requires_grad)
+        rows.append({"strategy": name, "rank": rank, "n_params": n_params, **measured})
+        s.close()
+        del trainer, s
+    return rows
+
+
+def memory_per_rank(
+    strategies: Iterable[str] = ("ddp", "zero1", "fsdp"),
+    model: str = "micro",
+    world_size: int = 2,
+    *,
+    timeout_s: float = 180.0,
+) -> pd.DataFrame:
+    """Measured bytes per rank for each strategy, next to the ZeRO paper's prediction.
+
+    Starts ``world_size`` Gloo processes (from a notebook cell too), trains one step of each
+    strategy with Adam and measures what each rank holds while its gradients are present. One row
+    per (strategy, rank): ``params_bytes``, ``grads_bytes``, ``optimizer_bytes``,
+    ``total_bytes``, the ZeRO ``stage`` and its formula's ``paper_total_bytes`` (fp32: 4 + 4 + 8
+    bytes per parameter before sharding).
+    """
+    import pandas as pd
+
+    from labkit.parallel.collectives import spawn
+
+    per_rank = spawn(_memory_worker, world_size, (tuple(strategies), model), timeout_s=timeout_s)
+    frame = pd.DataFrame([row for rows in per_rank for row in rows])
+    frame["total_bytes"] = frame[["params_bytes", "grads_bytes", "optimizer_bytes"]].sum(axis=1)
+    frame["stage"] = frame["strategy"].map(PAPER_STAGE)
+    paper = zero_memory_formula(int(frame["n_params"].iloc[0]), world_size).set_index("stage")
+    frame["paper_total_bytes"] = frame["stage"].map(paper["total_bytes"])
+    frame["measured_over_paper"] = frame["total_bytes"] / frame["paper_total_bytes"]
+    return frame.sort_values(["strategy", "rank"], kind="stable").reset_index(drop=True)
