@@ -26,7 +26,7 @@ def figure_signature(fig: Figure) -> str:
         for line in ax.get_lines():
             h.update(line.get_xydata().tobytes())
         for patch in ax.patches:
-            h.update(repr(patch.get_bbox().bounds).encode())
+            h.update(repr(patch.get_extents().bounds).encode())
         for image in ax.get_images():
             h.update(image.get_array().tobytes())
         h.update(ax.get_title().encode())

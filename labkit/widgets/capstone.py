@@ -14,13 +14,13 @@ from typing import Any
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import pandas as pd
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 import labkit
 from labkit.plots.capstone import plot_challenge, wall_breakdown
 from labkit.plots.training import rank0
 from labkit.result import RunResult
+from labkit.widgets.common import Panel, show_figure, show_table
 
 __all__ = ["RESULT_COLUMNS", "STRATEGIES", "CapstonePanel"]
 
@@ -49,7 +49,7 @@ RESULT_COLUMNS = (
 )
 
 
-class CapstonePanel:
+class CapstonePanel(Panel):
     """The challenge: knobs, a Run button, a results table that grows with every try, a figure.
 
     ``update()`` runs one try with the current control values (the Run button calls it). After
@@ -253,11 +253,6 @@ class CapstonePanel:
             text += f" Fastest so far: #{best['try']} in {best['wall_s']:.1f} s."
         return text
 
-    def _set_message(self, text: str, error: bool = False) -> None:
-        self.message = text
-        color = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{color}'>{text}</span>"
-
     def _redraw(self) -> None:
         # The last few curves only: a legend of twenty tries hides the plot.
         recent = dict(list(self.curves.items())[-SHOW_CURVES:])
@@ -265,14 +260,5 @@ class CapstonePanel:
         if self.figure is not None:
             plt.close(self.figure)  # replaced: free the old one
         self.figure = figure
-        with self.output:
-            clear_output(wait=True)
-            display(figure)
-        plt.close(figure)  # shown; keep the inline backend from drawing it again in another cell
-        with self.table:
-            clear_output(wait=True)
-            display(self.results)
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        """Display the panel's widgets when the panel is the value of a notebook cell."""
-        return self.widget._repr_mimebundle_(**kwargs)
+        show_figure(self.output, figure)
+        show_table(self.table, self.results)

@@ -7,13 +7,9 @@ panel shows is what the real loop does.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from typing import Any
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -22,6 +18,7 @@ from labkit.clip import CLIP_METHODS
 from labkit.lessons.clipping import summarize_runs
 from labkit.plots.clipping import plot_clipping_run
 from labkit.result import RunResult
+from labkit.widgets.common import Panel, show_figure
 
 __all__ = ["THRESHOLD_FIELDS", "ClippingPanel"]
 
@@ -36,7 +33,7 @@ THRESHOLD_FIELDS: dict[str, tuple[str | None, float]] = {
 }
 
 
-class ClippingPanel:
+class ClippingPanel(Panel):
     """Controls (method, threshold, learning rate, Train) above a figure of one short GPT run.
 
     ``update()`` trains and redraws; the Train button calls it. After it, ``result`` holds the
@@ -148,37 +145,10 @@ class ClippingPanel:
             f"{int(row['clipped_steps'])} of {result.config.steps} steps."
         )
 
-    def _set_message(self, text: str, error: bool = False) -> None:
-        self.message = text
-        color = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
-
     def _redraw(self, result: RunResult) -> None:
         s = self.settings()
         field, _ = THRESHOLD_FIELDS[s["clip"]]
         setting = f"clip={s['clip']}" + (f", {field}={s[field]:.3g}" if field else "")
         figure = plot_clipping_run(result, title=f"{setting}, lr={s['lr']:.3g}")
         self.figure = figure
-        # Put the image into the Output widget's state directly, rather than capturing a
-        # display() inside `with self.output:`. It behaves the same in a button callback, a
-        # notebook cell, a test or a headless run (which capture depends on the front-end).
-        self.output.outputs = (_png_output(figure),)
-        # Closing it in pyplot frees it there (no leak over many presses) and keeps the inline
-        # backend from showing it again in some later cell; self.figure stays usable.
-        plt.close(figure)
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        """Display the panel's widgets when the panel is the value of a notebook cell."""
-        return self.widget._repr_mimebundle_(**kwargs)
-
-
-def _png_output(figure: Figure) -> dict[str, Any]:
-    """A figure as one Jupyter ``display_data`` output (PNG plus a text fallback)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    png = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return {
-        "output_type": "display_data",
-        "data": {"image/png": png, "text/plain": repr(figure)},
-        "metadata": {},
-    }
+        show_figure(self.output, figure)

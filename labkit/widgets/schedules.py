@@ -12,11 +12,11 @@ from typing import Any
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 from labkit.plots.schedules import plot_lr_curves
 from labkit.schedules import SCHEDULES, WARMUPS, Schedule, get_schedule
+from labkit.widgets.common import Panel, show_figure
 
 __all__ = ["ScheduleDesigner", "describe_schedule"]
 
@@ -35,7 +35,7 @@ def describe_schedule(schedule: Schedule) -> str:
     return f"{schedule.name}, {warm}, peak {schedule.peak_lr:.2g}{floor}"
 
 
-class ScheduleDesigner:
+class ScheduleDesigner(Panel):
     """Dropdowns (schedule, warm-up kind) and sliders (run length, warm-up length, peak, floor,
     beta2) above a live plot of the LR curve, with buttons to keep curves for comparison.
 
@@ -174,11 +174,6 @@ class ScheduleDesigner:
         self.comparison.clear()
         self._redraw()
 
-    def _set_message(self, text: str, error: bool = False) -> None:
-        self.message = text
-        color = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{color}'>{text}</span>"
-
     def _redraw(self) -> None:
         curves: dict[str, Schedule] = dict(self.comparison)
         current = None
@@ -191,13 +186,4 @@ class ScheduleDesigner:
         old, self.figure = self.figure, figure
         if old is not None:
             plt.close(old)  # many slider moves must not pile up figures in pyplot
-        with self.output:
-            clear_output(wait=True)
-            display(figure)
-        # Shown in the Output now; closing it in pyplot keeps the inline backend from drawing it
-        # again at the end of the cell, while self.figure stays usable.
-        plt.close(figure)
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        """Display the panel's widgets when the panel is the value of a notebook cell."""
-        return self.widget._repr_mimebundle_(**kwargs)
+        show_figure(self.output, figure)

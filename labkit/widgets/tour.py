@@ -11,7 +11,6 @@ from typing import Any
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 import labkit
@@ -19,11 +18,12 @@ from labkit.lessons.tour import uniform_loss
 from labkit.plots.common import new_figure
 from labkit.plots.training import draw_loss, draw_lr
 from labkit.result import RunResult
+from labkit.widgets.common import Panel, show_figure
 
 __all__ = ["TourPanel"]
 
 
-class TourPanel:
+class TourPanel(Panel):
     """Controls (lr, schedule, steps, Train) above a figure of the last few runs.
 
     ``update()`` trains once with the current values and redraws; the Train button calls it.
@@ -113,11 +113,6 @@ class TourPanel:
         )
         self._redraw()
 
-    def _set_message(self, text: str, error: bool = False) -> None:
-        self.message = text
-        color = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{color}'>{text}</span>"
-
     def _redraw(self) -> None:
         figure, (ax_loss, ax_lr) = new_figure(ncols=2, width=5.5)
         draw_loss(ax_loss, self.runs)
@@ -125,11 +120,4 @@ class TourPanel:
         if self.figure is not None:
             plt.close(self.figure)  # the old figure is replaced: free it
         self.figure = figure
-        with self.output:
-            clear_output(wait=True)
-            display(figure)
-        plt.close(figure)  # shown; keep the inline backend from drawing it again in another cell
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        """Display the panel's widgets when the panel is the value of a notebook cell."""
-        return self.widget._repr_mimebundle_(**kwargs)
+        show_figure(self.output, figure)
