@@ -714,6 +714,7 @@ def make_clipper(
     autoclip_percentile: float = 10.0,
     zclip_z: float = 2.5,
     zclip_alpha: float = 0.97,
+    zclip_warmup_steps: int = 25,
     norm_type: float = 2.0,
 ) -> Clipper:
     """Build the clipper for ``method`` (one of ``CLIP_METHODS``).
@@ -756,4 +757,10 @@ def make_clipper(
     _require(
         "zclip_alpha", zclip_alpha, _is_number(zclip_alpha) and 0 < zclip_alpha < 1, "in (0, 1)"
     )
-    return ZClip(alpha=zclip_alpha, z_thresh=zclip_z)
+    _require(
+        "zclip_warmup_steps",
+        zclip_warmup_steps,
+        isinstance(zclip_warmup_steps, int) and zclip_warmup_steps >= 1,
+        "an integer >= 1",
+    )
+    return ZClip(alpha=zclip_alpha, z_thresh=zclip_z, warmup_steps=zclip_warmup_steps)

@@ -97,6 +97,7 @@ class TrainConfig:
     autoclip_percentile: float = 10.0
     zclip_z: float = 2.5
     zclip_alpha: float = 0.97
+    zclip_warmup_steps: int = 25
     nonfinite: str = "skip"
     precision: str = "fp32"
     # Parallelism.
@@ -155,6 +156,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             self._check_int(name, minimum=0)
         self._check_int("eval_batches", minimum=1)
+        self._check_int("zclip_warmup_steps", minimum=1)
         if self.block_size is not None:
             self._check_int("block_size", minimum=2)
         if self.threads is not None:

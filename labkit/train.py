@@ -122,6 +122,7 @@ class Trainer:
             autoclip_percentile=cfg.autoclip_percentile,
             zclip_z=cfg.zclip_z,
             zclip_alpha=cfg.zclip_alpha,
+            zclip_warmup_steps=cfg.zclip_warmup_steps,
         )
         self.val = validation_batches(
             self.corpus,
