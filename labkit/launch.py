@@ -21,11 +21,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -106,42 +108,35 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker(
+def _entry(
     rank: int,
-    cfg: TrainConfig,
-    host: str,
+    world_size: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
     port: int,
     outdir: str,
-    device_type: str,
     backend: str,
-    progress: Any,
+    timeout_s: float,
+    threads: int,
 ) -> None:
-    """Entry point of a spawned worker: join the group, train, hand results back through files."""
+    """A spawned worker: join the process group, run ``fn``, hand its result back in a file."""
     _die_with_parent()
     out = Path(outdir)
     log = open(out / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    torch.set_num_threads(threads_per_rank(cfg))
+    torch.set_num_threads(threads)
     try:
-        timeout = timedelta(seconds=cfg.timeout_s)
-        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-        if device_type == "cuda":
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=cfg.world_size, timeout=timeout
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
-        device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
-        ctx = DistContext(rank, cfg.world_size, rank, device, backend)
-
-        def on_step(step: int) -> None:
-            if rank == 0:
-                progress.value = step
-
-        result = run_rank(cfg, ctx, on_step)
-        if rank == 0:
-            ckpt.save_atomic(result, out / "result.pt")
+        result = fn(rank, world_size, *args)
+        ckpt.save_atomic(result, out / f"rank{rank}.pt")
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 (every failure must reach the parent)
         record = {
@@ -157,6 +152,20 @@ def _worker(
     # Skip interpreter teardown: c10d's background threads occasionally abort in it
     # ("terminate called without an active exception", ~1 run in 20), after all work is done.
     os._exit(0)
+
+
+def _train_worker(
+    rank: int, world_size: int, cfg: TrainConfig, device_type: str, progress: Any
+) -> dict[str, Any] | None:
+    """The per-rank body of a training run: train, then gather everything to rank 0."""
+    device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    ctx = DistContext(rank, world_size, rank, device, dist.get_backend())
+
+    def on_step(step: int) -> None:
+        if rank == 0:
+            progress.value = step
+
+    return run_rank(cfg, ctx, on_step)
 
 
 # ---------------------------------------------------------------------- in the parent
@@ -204,43 +213,55 @@ def _stop(procs: list[Any]) -> None:
             p.join(2.0)
 
 
-def launch(cfg: TrainConfig) -> RunResult:
-    """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
-    from tqdm.auto import tqdm
-
-    device_type, backend = resolve_device(cfg)
-    context = mp.get_context("spawn")
-    progress = context.Value("i", 0)
-    store = dist.TCPStore(
+def spawn_with_logs(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    deadline_s: float | None = None,
+    threads: int | None = None,
+    on_poll: Callable[[], None] | None = None,
+) -> tuple[list[Any], dict[int, str]]:
+    """``spawn``, also returning each rank's log (its stdout and stderr)."""
+    per_rank_threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    store = dist.TCPStore(  # port 0: the OS picks a free port, held for the whole run
         "127.0.0.1",
         0,
-        cfg.world_size,
+        world_size,
         is_master=True,
         wait_for_workers=False,
-        timeout=timedelta(seconds=cfg.timeout_s),
+        timeout=timedelta(seconds=timeout_s),
     )
     outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))
+    context = mp.get_context("spawn")
     procs = [
         context.Process(
-            target=_worker,
-            args=(r, cfg, "127.0.0.1", store.port, str(outdir), device_type, backend, progress),
+            target=_entry,
+            args=(
+                r,
+                world_size,
+                fn,
+                tuple(args),
+                store.port,
+                str(outdir),
+                backend,
+                timeout_s,
+                per_rank_threads,
+            ),
             daemon=True,
             name=f"labkit-rank{r}",
         )
-        for r in range(cfg.world_size)
+        for r in range(world_size)
     ]
-    bar = tqdm(
-        total=cfg.stop_after or cfg.steps,
-        desc=f"{cfg.strategy} x{cfg.world_size}",
-        disable=not cfg.progress,
-        leave=False,
-    )
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     try:
         for p in procs:
             p.start()
         while True:
-            bar.n = progress.value
-            bar.refresh()
+            if on_poll is not None:
+                on_poll()
             codes = [p.exitcode for p in procs]
             if any(c not in (None, 0) for c in codes):
                 # Give the peers a moment to record their own errors, then find the first cause.
@@ -248,24 +269,87 @@ def launch(cfg: TrainConfig) -> RunResult:
                 raise _root_cause(procs, outdir)
             if all(c == 0 for c in codes):
                 break
+            if deadline is not None and time.monotonic() > deadline:
+                logs = "".join(
+                    f"\n--- rank {r} log ---\n{_tail(outdir / f'rank{r}.log')}"
+                    for r in range(world_size)
+                )
+                raise TimeoutError(f"{fn.__name__} did not finish within {deadline_s} s{logs}")
             time.sleep(POLL_S)
-        result_path = outdir / "result.pt"
-        if not result_path.exists():
-            raise WorkerError(0, "finished without writing its result")
-        payload = torch.load(result_path, weights_only=False)
+        missing = [r for r in range(world_size) if not (outdir / f"rank{r}.pt").exists()]
+        if missing:
+            raise WorkerError(missing[0], "finished without writing its result")
+        results = [
+            torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+        ]
     finally:
         _stop(procs)
+        logs = {r: _read(outdir / f"rank{r}.log") for r in range(world_size)}
+        shutil.rmtree(outdir, ignore_errors=True)
+    return results, logs
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    threads: int | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return their results.
+
+    Each process joins a process group (``backend``) before calling ``fn``, so ``fn`` may use any
+    collective. ``fn`` must be a module-level function (spawned processes import it by name; a
+    function defined in a notebook cannot travel). Rendezvous is a TCPStore on a free port; the
+    whole run is bounded by ``timeout_s``; a failing rank raises ``WorkerError`` naming it; every
+    process is reaped before this returns or raises.
+    """
+    results, _ = spawn_with_logs(
+        fn,
+        world_size,
+        args,
+        backend=backend,
+        timeout_s=timeout_s,
+        deadline_s=timeout_s,
+        threads=threads,
+    )
+    return results
+
+
+def launch(cfg: TrainConfig) -> RunResult:
+    """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
+    from tqdm.auto import tqdm
+
+    device_type, backend = resolve_device(cfg)
+    progress = mp.get_context("spawn").Value("i", 0)
+    bar = tqdm(
+        total=cfg.stop_after or cfg.steps,
+        desc=f"{cfg.strategy} x{cfg.world_size}",
+        disable=not cfg.progress,
+        leave=False,
+    )
+
+    def show_progress() -> None:
+        bar.n = progress.value
+        bar.refresh()
+
+    try:
+        results, logs = spawn_with_logs(
+            _train_worker,
+            cfg.world_size,
+            (cfg, device_type, progress),
+            backend=backend,
+            timeout_s=cfg.timeout_s,
+            threads=threads_per_rank(cfg),
+            on_poll=show_progress,
+        )
+    finally:
         bar.close()
-        logs = {r: _read(outdir / f"rank{r}.log") for r in range(len(procs))}
-        _remove_tree(outdir)
+    payload = results[0]
     info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
     return RunResult.from_ranks(cfg, payload, info, logs)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_single(cfg: TrainConfig) -> RunResult:

@@ -20,21 +20,14 @@ rebuilds it from point-to-point messages, the way NCCL and Gloo do for large ten
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
-from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from labkit.launch import spawn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -207,135 +200,8 @@ def allreduce_benchmark(
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Running a function on N processes, from a notebook
+# 3. Running a function on N processes, from a notebook (labkit.launch.spawn)
 # ---------------------------------------------------------------------------------------------
-
-
-def _spawn_entry(
-    rank: int,
-    world_size: int,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    port: int,
-    outdir: str,
-    backend: str,
-    timeout_s: float,
-    threads: int,
-) -> None:
-    """A spawned worker: join the process group, run ``fn``, save its return value or error."""
-    from labkit.launch import _die_with_parent
-
-    _die_with_parent()
-    out = Path(outdir)
-    log = open(out / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 (lives with the process)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    torch.set_num_threads(threads)
-    try:
-        timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-        )
-        result = fn(rank, world_size, *args)
-        torch.save(result, out / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException as err:  # noqa: BLE001 (every failure must reach the parent)
-        record = {
-            "type": type(err).__name__,
-            "message": str(err),
-            "traceback": traceback.format_exc(),
-            "time": time.time(),
-        }
-        (out / f"rank{rank}.error.json").write_text(json.dumps(record))
-        log.flush()
-        os._exit(1)  # skip teardown that could hang on a broken group
-    log.flush()
-    # Exit without the interpreter's own teardown: now and then (a few runs in a hundred, on a
-    # loaded machine) C++ static destructors of the distributed runtime abort the process with
-    # "terminate called without an active exception" after all the work is done.
-    os._exit(0)
-
-
-def spawn(
-    fn: Callable[..., Any],
-    world_size: int = 2,
-    args: Sequence[Any] = (),
-    *,
-    backend: str = "gloo",
-    timeout_s: float = 120.0,
-    threads: int | None = None,
-) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return their results.
-
-    Each process joins a process group (``backend``) before calling ``fn``, so ``fn`` may use any
-    collective. ``fn`` must be a module-level function (spawned processes import it by name; a
-    function defined in a notebook cannot travel). Rendezvous is a TCPStore on a free port; the
-    whole run is bounded by ``timeout_s``; a failing rank raises ``labkit.WorkerError`` naming it;
-    every process is reaped before this returns or raises.
-    """
-    from labkit.launch import GRACE_S, POLL_S, WorkerError, _root_cause, _stop, _tail
-
-    per_rank_threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    store = dist.TCPStore(  # port 0: the OS picks a free port, held for the whole run
-        "127.0.0.1",
-        0,
-        world_size,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    outdir = Path(tempfile.mkdtemp(prefix="labkit-spawn-"))
-    context = mp.get_context("spawn")
-    procs = [
-        context.Process(
-            target=_spawn_entry,
-            args=(
-                r,
-                world_size,
-                fn,
-                tuple(args),
-                store.port,
-                str(outdir),
-                backend,
-                timeout_s,
-                per_rank_threads,
-            ),
-            daemon=True,
-            name=f"labkit-spawn-rank{r}",
-        )
-        for r in range(world_size)
-    ]
-    deadline = time.monotonic() + timeout_s
-    try:
-        for p in procs:
-            p.start()
-        while True:
-            codes = [p.exitcode for p in procs]
-            if any(c not in (None, 0) for c in codes):
-                time.sleep(GRACE_S)  # let the peers record their own errors, then find the first
-                raise _root_cause(procs, outdir)
-            if all(c == 0 for c in codes):
-                break
-            if time.monotonic() > deadline:
-                logs = "".join(
-                    f"\n--- rank {r} log ---\n{_tail(outdir / f'rank{r}.log')}"
-                    for r in range(world_size)
-                )
-                raise TimeoutError(
-                    f"spawn: {fn.__name__} did not finish within {timeout_s} s{logs}"
-                )
-            time.sleep(POLL_S)
-        missing = [r for r in range(world_size) if not (outdir / f"rank{r}.pt").exists()]
-        if missing:
-            raise WorkerError(missing[0], "finished without writing its result")
-        return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-    finally:
-        _stop(procs)
-        shutil.rmtree(outdir, ignore_errors=True)
 
 
 def _demo_worker(
