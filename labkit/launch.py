@@ -40,7 +40,7 @@ from labkit import checkpoint as ckpt
 from labkit.config import TrainConfig, make_config
 from labkit.parallel.base import DistContext
 from labkit.result import RunResult
-from labkit.train import shared_clock, train
+from labkit.train import Trainer, shared_clock, train
 
 POLL_S = 0.05  # how often the parent looks at its children
 GRACE_S = 1.0  # after a failure, how long peers get to report their own errors before being killed
@@ -352,8 +352,14 @@ def launch(cfg: TrainConfig) -> RunResult:
     return RunResult.from_ranks(cfg, payload, info, logs)
 
 
-def run_single(cfg: TrainConfig) -> RunResult:
-    """Train ``strategy="single"`` in this process, with a progress bar."""
+def run_single(
+    cfg: TrainConfig, on_step: Callable[[int, list[dict[str, Any]]], None] | None = None
+) -> RunResult:
+    """Train ``strategy="single"`` in this process, with a progress bar.
+
+    ``on_step(step, metrics)`` is called after every optimizer step with the rows so far (a live
+    plot uses it).
+    """
     from tqdm.auto import tqdm
 
     device_type, _ = resolve_device(cfg)
@@ -363,18 +369,21 @@ def run_single(cfg: TrainConfig) -> RunResult:
     bar = tqdm(
         total=cfg.stop_after or cfg.steps, desc="single", disable=not cfg.progress, leave=False
     )
+    t_start = time.perf_counter()
     try:
-        ctx = DistContext(device=torch.device(device_type))
+        trainer = Trainer(cfg, DistContext(device=torch.device(device_type)))
 
-        def on_step(step: int) -> None:
+        def step_done(step: int) -> None:
             bar.n = step
             bar.refresh()
+            if on_step is not None:
+                on_step(step, trainer.metrics)
 
-        out = train(cfg, ctx, on_step=on_step)
+        out = trainer.fit(step_done)
     finally:
         bar.close()
         torch.set_num_threads(previous_threads)
-    info = dict(out.info, backend=None, world_size=1)
+    info = dict(out.info, backend=None, world_size=1, wall_s=time.perf_counter() - t_start)
     payload = {
         "metrics": out.metrics,
         "timeline": out.timeline,

@@ -11,21 +11,17 @@ executed notebook keeps the last picture, so it also reads well on GitHub.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import matplotlib.pyplot as plt
-import torch
 from IPython.display import display
 from matplotlib.figure import Figure
 
 from labkit.config import TrainConfig, make_config
-from labkit.launch import resolve_device
-from labkit.parallel.base import DistContext
+from labkit.launch import run_single
 from labkit.plots.common import new_figure
 from labkit.plots.training import draw_loss, draw_lr
 from labkit.result import RunResult
-from labkit.train import Trainer
 
 __all__ = ["LiveLossPlot", "train_live"]
 
@@ -86,8 +82,6 @@ def train_live(
     ``strategy="single"`` is supported, because the figure lives in this process. The progress
     bar is the usual one (``progress=False`` hides it).
     """
-    from tqdm.auto import tqdm
-
     cfg = make_config(config, **overrides)
     if cfg.strategy != "single":
         raise ValueError(
@@ -96,37 +90,18 @@ def train_live(
         )
     if every < 1:
         raise ValueError(f"every={every!r} is invalid: redraw every 1 or more steps")
-    device_type, _ = resolve_device(cfg)
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     end = cfg.stop_after or cfg.steps
-    t_start = time.perf_counter()
     plot = LiveLossPlot(end, title=f"{cfg.model}, lr={cfg.lr:g}, {cfg.schedule}", show=show)
-    bar = tqdm(total=end, desc="training", disable=not cfg.progress, leave=False)
+
+    # The loop appends the step's metrics row (with val_loss at eval steps) before calling
+    # on_step, so the plot always sees the complete row.
+    def redraw(step: int, metrics: list[dict[str, Any]]) -> None:
+        if step % every == 0 or step == end:
+            plot.update(metrics)
+
     try:
-        trainer = Trainer(cfg, DistContext(device=torch.device(device_type)))
-
-        # Trainer.fit appends the step's metrics row (with val_loss at eval steps) and only then
-        # calls on_step, so the plot always sees the complete row.
-        def on_step(step: int) -> None:
-            bar.update(1)
-            if step % every == 0 or step == end:
-                plot.update(trainer.metrics)
-
-        out = trainer.fit(on_step=on_step)
+        result = run_single(cfg, on_step=redraw)
     finally:
-        bar.close()
         plot.close()
-        torch.set_num_threads(previous_threads)
-    info = dict(out.info, backend=None, world_size=1)
-    payload = {
-        "metrics": out.metrics,
-        "timeline": out.timeline,
-        "layer_norms": out.layer_norms,
-        "state": out.state,
-    }
-    result = RunResult.from_ranks(cfg, payload, info)
     result.info["live_updates"] = plot.updates  # how many times the figure was redrawn
-    result.info["wall_s"] = time.perf_counter() - t_start
     return result
