@@ -1,0 +1,200 @@
+"""Benchmark: labkit's hand-written 1F1B pipeline against torch.distributed.pipelining.
+
+Two measurements, in one invocation:
+
+1. Step time of ``pp-1f1b`` (our schedule) and ``pp-torch`` (torch's ``Schedule1F1B`` driving the
+   same stages), run alternately ``--repeats`` times each (ABAB, so neither always goes first),
+   compared by their fastest steady step (noise only adds time), with the median alongside.
+   Target: ratio ours / torch <= 1.05.
+2. The pipeline bubble of ``pp-1f1b`` measured from the timeline, against the theory
+   ``(p - 1) / (m + p - 1)``, for m in {1, 2, 4, 8} micro-batches of a fixed global batch.
+
+    python -m benchmarks.bench_pp [--record]      # or: labkit bench pp [--record]
+
+``--record`` writes the tables, with the machine they ran on, to ``benchmarks/results/pp-<device>.md``.
+On a shared machine the absolute times mean little: read the ratio, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import labkit
+from labkit.parallel.pipeline import bubble_fraction, peak_activations
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = ("pp-1f1b", "pp-torch")
+
+
+def machine() -> dict[str, str]:
+    """Where the numbers come from (a shared, loaded machine reads very differently)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return {
+        "platform": platform.platform(),
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load average (1, 5, 15 min) at start": load,
+    }
+
+
+def steady_step_times(result: labkit.RunResult) -> list[float]:
+    """Step time of each step after the first (the slowest rank's), in seconds."""
+    m = result.metrics
+    per_step = m[m["step"] >= 1].groupby("step")["step_time_s"].max()
+    return per_step.tolist()
+
+
+def compare_with_torch(common: dict, micro_batches: int, repeats: int) -> list[dict]:
+    """Alternate pp-1f1b and pp-torch runs; one row per run with its step times."""
+    rows = []
+    for i in range(repeats):
+        for strategy in STRATEGIES:
+            result = labkit.run(**common, strategy=strategy, micro_batches=micro_batches)
+            times = steady_step_times(result)
+            rows.append(
+                {
+                    "repeat": i,
+                    "strategy": strategy,
+                    "times": times,
+                    "median_step_s": statistics.median(times),
+                }
+            )
+            print(f"  {strategy} run {i}: median step {rows[-1]['median_step_s'] * 1e3:.1f} ms")
+    return rows
+
+
+def bubble_table(common: dict, micro_batches: list[int]) -> list[dict]:
+    """pp-1f1b with m micro-batches: the measured bubble per rank and the theory."""
+    rows = []
+    for m in micro_batches:
+        result = labkit.run(**common, strategy="pp-1f1b", micro_batches=m)
+        bubble = bubble_fraction(result.timeline)
+        peak = peak_activations(result.timeline)
+        rows.append(
+            {
+                "m": m,
+                "theory": float(bubble["theory"].iloc[0]),
+                "measured": float(bubble["bubble"].mean()),
+                "per_rank": [round(float(b), 3) for b in bubble["bubble"]],
+                "peak": peak["peak"].tolist(),
+                "step_s": statistics.median(steady_step_times(result)),
+            }
+        )
+        print(f"  m={m}: bubble {rows[-1]['measured']:.3f} (theory {rows[-1]['theory']:.3f})")
+    return rows
+
+
+def to_markdown(
+    args: argparse.Namespace, info: dict[str, str], device: str, runs: list[dict], bubbles: list
+) -> str:
+    """The report: machine, config, the step-time comparison and the bubble table."""
+    ours = [r["median_step_s"] for r in runs if r["strategy"] == "pp-1f1b"]
+    theirs = [r["median_step_s"] for r in runs if r["strategy"] == "pp-torch"]
+    # Every steady step of every run, pooled. Noise on a shared machine only ever adds time, so
+    # the fastest step of each is the estimate of its own cost (timeit's rule); the median of
+    # all steps is shown next to it.
+    pooled = {s: [t for r in runs if r["strategy"] == s for t in r["times"]] for s in STRATEGIES}
+    best_ratio = min(pooled["pp-1f1b"]) / min(pooled["pp-torch"])
+    median_ratio = statistics.median(pooled["pp-1f1b"]) / statistics.median(pooled["pp-torch"])
+    lines = [
+        f"# Pipeline parallelism on {device}: labkit pp-1f1b vs torch.distributed.pipelining",
+        "",
+        "Command: `python -m benchmarks.bench_pp " + " ".join(args.argv) + "`",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        "",
+        f"Config: model={args.model}, world_size={args.world_size}, global_batch_size="
+        f"{args.global_batch_size}, steps={args.steps} (step 0 left out), pp_balance="
+        f"{args.pp_balance}, threads={args.threads} in total.",
+        "",
+        f"## Step time, same 1F1B schedule, m={args.micro_batches}",
+        "",
+        "| repeat | labkit pp-1f1b, median step (ms) | torch pp-torch, median step (ms) |",
+        "|---|---|---|",
+        *(f"| {i} | {a * 1e3:.1f} | {b * 1e3:.1f} |" for i, (a, b) in enumerate(zip(ours, theirs))),
+        "",
+        f"Fastest step: labkit {min(pooled['pp-1f1b']) * 1e3:.1f} ms, torch "
+        f"{min(pooled['pp-torch']) * 1e3:.1f} ms.",
+        "",
+        f"**Ratio labkit / torch, fastest step: {best_ratio:.3f}** (target <= 1.05); "
+        f"median over all steps: {median_ratio:.3f}",
+        "",
+        "## Bubble of pp-1f1b: measured vs theory (p - 1) / (m + p - 1)",
+        "",
+        "Measured = 1 - (forward + backward time) / (pipeline span), averaged over ranks; the",
+        "span runs from the first forward to the last backward of a step. Peak = most",
+        "micro-batches a stage held activations for (1F1B: at most p - stage).",
+        "",
+        "| m | theory | measured | per rank | peak activations | median step (ms) |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {b['m']} | {b['theory']:.3f} | {b['measured']:.3f} | {b['per_rank']} | "
+            f"{b['peak']} | {b['step_s'] * 1e3:.1f} |"
+            for b in bubbles
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run both measurements, print the report, and write it with ``--record``."""
+    parser = argparse.ArgumentParser(prog="bench_pp", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--global-batch-size", type=int, default=64)
+    parser.add_argument("--micro-batches", type=int, default=4, help="for the torch comparison")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--pp-balance", default="params", choices=("layers", "params"))
+    parser.add_argument("--threads", type=int, default=None, help="total CPU threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "auto"))
+    parser.add_argument("--record", action="store_true", help="write benchmarks/results/pp-*.md")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+
+    info = machine()
+    common = dict(
+        model=args.model,
+        world_size=args.world_size,
+        global_batch_size=args.global_batch_size,
+        steps=args.steps,
+        pp_balance=args.pp_balance,
+        threads=args.threads,
+        device=args.device,
+        eval_batches=1,
+        progress=False,
+    )
+    start = time.perf_counter()
+    print("step time, pp-1f1b vs pp-torch:")
+    runs = compare_with_torch(common, args.micro_batches, args.repeats)
+    print("bubble vs theory:")
+    bubbles = bubble_table(common, [m for m in (1, 2, 4, 8) if args.global_batch_size % m == 0])
+    device = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info["benchmark wall time"] = f"{time.perf_counter() - start:.0f} s"
+    report = to_markdown(args, info, device, runs, bubbles)
+    print()
+    print(report)
+    if args.record:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"pp-{device}.md"
+        path.write_text(report)
+        print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -1,0 +1,522 @@
+"""Pipeline parallelism: the GPT cut into stages, one stage per rank, micro-batches flowing through.
+
+Read this file top to bottom:
+
+1. **Cutting the model.** ``GPT.layers()`` lists ``embed, blocks.0 .. blocks.{L-1}, head``. We cut
+   that list into ``p = world_size`` contiguous stages, balanced by number of layers or by number
+   of parameters (``TrainConfig.pp_balance``). Every rank builds the *whole* GPT from the same seed
+   and then replaces the layers it does not own by ``nn.Identity`` placeholders. So the parameters
+   it keeps have their original names (``blocks.1.attn.q.weight``), and the pruned GPT's own
+   ``forward`` is exactly this stage's forward: the placeholders pass activations through.
+2. **Schedules**, written out as the list of actions one stage performs, ``("F", i)`` for the
+   forward of micro-batch ``i`` and ``("B", i)`` for its backward:
+   ``gpipe_order`` (all forwards, then all backwards) and ``one_f_one_b_order`` (a few warm-up
+   forwards, then one forward / one backward, then the remaining backwards). Print them!
+3. **Running a schedule** (``PipelineStrategy``): a forward receives the activation
+   ``[rows, T, d_model]`` from the previous stage, runs the stage, and sends its output on; a
+   backward receives the gradient of that output from the next stage, back-propagates, and sends
+   the gradient of its input back. The last stage computes the loss. Shapes are known from the
+   batch every rank can compute for itself, so no shape handshake is needed. Naive model
+   parallelism is this same code with ``micro_batches=1``.
+4. ``TorchPipelineStrategy``: the same stages run by ``torch.distributed.pipelining``
+   (``PipelineStage`` + ``Schedule1F1B``), to compare against.
+5. Analysis of a run's timeline: ``bubble_fraction`` (idle time vs the theory ``(p-1)/(m+p-1)``)
+   and ``peak_activations`` (how many micro-batches a stage keeps alive: GPipe ``m``, 1F1B at
+   most ``p - stage``).
+
+Timeline conventions: every forward, backward, send and recv is recorded with the step and the
+micro-batch index *within the optimizer step*: with ``grad_accum_steps = k`` the step runs k
+pipeline flushes one after the other, and flush ``c`` uses indices ``c*m .. c*m + m - 1``.
+Sends are non-blocking (``isend``): a "send" event is the time to post it; the wait for all sends
+to complete, at the end of the step, is one "wait" event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from labkit.data import shard_rows, split_micro_batches
+from labkit.model import GPT, count_params, lm_loss_sum
+from labkit.parallel.base import Strategy
+
+# The residual stream stays float32 even under bf16 autocast (x + f(x) promotes), so activations
+# and their gradients travel between stages in float32.
+ACTIVATION_DTYPE = torch.float32
+
+Order = list[tuple[str, int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Cutting the model into stages
+# ---------------------------------------------------------------------------------------------
+
+
+def split_by_layers(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` layer ranges with equal counts; the first stages take any extra layer.
+
+    The first stage holds the embedding, which costs almost nothing to run, so it is the right
+    one to give an extra layer to.
+    """
+    return [(s.start, s.stop) for s in (shard_rows(n_layers, i, n_stages) for i in range(n_stages))]
+
+
+def split_by_cost(costs: list[int], n_stages: int) -> list[tuple[int, int]]:
+    """Contiguous, non-empty ``(start, stop)`` ranges that minimise the largest stage's cost.
+
+    Dynamic programming: ``best[k][i]`` is the smallest achievable "largest stage" when the first
+    ``i`` layers form ``k`` stages; the last of those stages is ``layers[j:i]`` for the best ``j``.
+    """
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {n_stages} non-empty stages")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0
+    for k in range(1, n_stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, stop = [], n
+    for k in range(n_stages, 0, -1):
+        start = cut[k][stop]
+        bounds.append((start, stop))
+        stop = start
+    return bounds[::-1]
+
+
+def stage_bounds(model: GPT, n_stages: int, balance: str = "layers") -> list[tuple[int, int]]:
+    """Which of ``model.layers()`` each stage runs: ``balance`` is "layers" or "params"."""
+    layers = model.layers()
+    if n_stages > len(layers):
+        raise ValueError(
+            f"TrainConfig.world_size={n_stages} is invalid: the model has only {len(layers)} "
+            "layers (embedding, blocks, head) to cut into stages"
+        )
+    if balance == "layers":
+        return split_by_layers(len(layers), n_stages)
+    if balance == "params":
+        return split_by_cost([count_params(layer) for layer in layers], n_stages)
+    raise ValueError(f"TrainConfig.pp_balance={balance!r} is invalid: allowed: 'layers', 'params'")
+
+
+def keep_stage(model: GPT, start: int, stop: int) -> None:
+    """Replace every layer outside ``layers()[start:stop]`` by an ``nn.Identity``, in place."""
+    for index, name in enumerate(model.layer_names()):
+        if not start <= index < stop:
+            model.set_submodule(name, nn.Identity())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Schedules: the order in which one stage runs forwards and backwards
+# ---------------------------------------------------------------------------------------------
+
+
+def gpipe_order(n_micro: int, stage: int, n_stages: int) -> Order:
+    """GPipe (Huang et al. 2019): every forward, then every backward.
+
+    Simple, but each stage holds the activations of all ``n_micro`` micro-batches at once.
+    """
+    return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
+
+
+def one_f_one_b_order(n_micro: int, stage: int, n_stages: int) -> Order:
+    """1F1B (PipeDream-Flush, Narayanan et al. 2021): same bubble as GPipe, far less memory.
+
+    Stage ``s`` runs ``p - s - 1`` warm-up forwards (just enough to keep the stages after it
+    busy), then alternates one forward with one backward, then finishes the backwards. A
+    micro-batch's activations are freed by its backward, so at most ``p - s`` are alive.
+    """
+    warmup = min(n_stages - stage - 1, n_micro)
+    order: Order = [("F", i) for i in range(warmup)]
+    for i in range(n_micro - warmup):
+        order += [("F", warmup + i), ("B", i)]
+    order += [("B", i) for i in range(n_micro - warmup, n_micro)]
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The pipeline strategy, with schedules written by hand
+# ---------------------------------------------------------------------------------------------
+
+
+class PipelineStrategy(Strategy):
+    """One pipeline stage per rank; subclasses choose the schedule (``order``)."""
+
+    name = "pp"
+
+    def order(self, n_micro: int) -> Order:
+        """This stage's actions for ``n_micro`` micro-batches (see ``gpipe_order``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ placement
+    def setup(self) -> None:
+        """Cut the GPT, keep this rank's stage, remember the full model's state-dict keys."""
+        self.n_stages, self.stage = self.ctx.world_size, self.ctx.rank
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.n_stages - 1
+        self.full_keys = list(self.module.state_dict())  # to order full_state_dict like GPT's
+        self.width = self.module.cfg.d_model
+        self.bounds = stage_bounds(self.module, self.n_stages, self.cfg.pp_balance)
+        start, stop = self.bounds[self.stage]
+        self.stage_layer_names = self.module.layer_names()[start:stop]  # e.g. ["blocks.1", "head"]
+        keep_stage(self.module, start, stop)
+        # Stages hold disjoint parameters, so the clipping norm combines all ranks' pieces.
+        self.clip_group = dist.group.WORLD if self.n_stages > 1 else None
+        self._pending: list[tuple[Any, torch.Tensor]] = []  # isend works and their tensors
+
+    # ------------------------------------------------------------------ point-to-point
+    def _send(self, tensor: torch.Tensor, dst: int, step: int, mb: int) -> None:
+        # isend, not send: with Gloo a send may wait until the peer posts its recv, and in 1F1B
+        # neighbours send to each other at the same time (activation one way, gradient the other),
+        # which would deadlock. The tensor must stay alive until the send completes.
+        tensor = tensor.detach().to(ACTIVATION_DTYPE).contiguous()
+        with self.timeline.span("send", step, mb):
+            work = dist.isend(tensor, dst)
+        self._pending.append((work, tensor))
+        self.comm_bytes += tensor.numel() * tensor.element_size()
+
+    def _recv(self, shape: tuple[int, ...], src: int, step: int, mb: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.ctx.device)
+        with self.timeline.span("recv", step, mb):  # includes waiting for the peer: the bubble
+            dist.recv(buffer, src)
+        return buffer
+
+    def _wait_sends(self, step: int) -> None:
+        if self._pending:
+            with self.timeline.span("wait", step):
+                for work, _ in self._pending:
+                    work.wait()
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ one step
+    def forward_backward(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, step: int
+    ) -> torch.Tensor:
+        """Run each grad-accum chunk through the pipeline in ``cfg.micro_batches`` pieces.
+
+        Every rank holds the whole batch (it is a pure function of seed and step): the first stage
+        reads the tokens, the last the targets, and all of them read the shapes. Returns this
+        rank's summed token loss: the real sum on the last stage, zero elsewhere.
+        """
+        m = self.cfg.micro_batches
+        total = torch.zeros((), device=self.ctx.device)
+        for chunk, (x, y) in enumerate(micro_batches):
+            pieces = split_micro_batches(x, y, m)
+            total += self.run_schedule(pieces, 1.0 / n_tokens, step, first_index=chunk * m)
+        self._wait_sends(step)
+        return total
+
+    def run_schedule(
+        self,
+        pieces: list[tuple[torch.Tensor, torch.Tensor]],
+        scale: float,
+        step: int,
+        first_index: int = 0,
+    ) -> torch.Tensor:
+        """One pipeline flush: this stage's forwards and backwards in ``self.order`` order."""
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (input, output)
+        total = torch.zeros((), device=self.ctx.device)
+        for action, i in self.order(len(pieces)):
+            x, y = pieces[i]
+            mb = first_index + i
+            if action == "F":
+                saved[i] = self._forward(x, y, step, mb)
+                if self.is_last:
+                    total += saved[i][1].detach()
+            else:
+                inp, out = saved.pop(i)  # popping frees this micro-batch's activations
+                self._backward(inp, out, scale, step, mb)
+        return total
+
+    def _activation_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
+        return (x.shape[0], x.shape[1], self.width)
+
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one micro-batch through this stage; returns (input, output or summed loss)."""
+        if self.is_first:
+            inp = x
+        else:
+            # A leaf that requires grad: after the backward, inp.grad is what we send back.
+            inp = self._recv(self._activation_shape(x), self.stage - 1, step, mb).requires_grad_()
+        with self.timeline.span("forward", step, mb), self.autocast():
+            out = self.module(inp)
+            if self.is_last:
+                out = lm_loss_sum(out, y)
+        if not self.is_last:
+            self._send(out, self.stage + 1, step, mb)
+        return inp, out
+
+    def _backward(
+        self, inp: torch.Tensor, out: torch.Tensor, scale: float, step: int, mb: int
+    ) -> None:
+        """Backward one micro-batch; the loss is ``sum / n_tokens`` like base.forward_backward."""
+        grad = None
+        if not self.is_last:
+            grad = self._recv(tuple(out.shape), self.stage + 1, step, mb)
+        with self.timeline.span("backward", step, mb):
+            if self.is_last:
+                self.backward(out * scale)
+            elif out.requires_grad:  # False only if everything up to here is frozen
+                torch.autograd.backward(out, grad)
+        if not self.is_first:
+            grad_in = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            self._send(grad_in, self.stage - 1, step, mb)
+
+    def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
+        """The last stage has the loss; broadcast it so every rank reports the same value."""
+        value = local_loss_sum.detach().clone()
+        dist.broadcast(value, src=self.n_stages - 1)
+        return float(value)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Validation loss: each batch flows forward through the stages; the last one scores it."""
+        total, tokens = 0.0, 0
+        for x, y in batches:
+            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            if self.is_first:
+                inp = x
+            else:
+                shape = self._activation_shape(x)
+                inp = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.ctx.device)
+                dist.recv(inp, self.stage - 1)
+            with self.autocast():
+                out = self.module(inp)
+                if self.is_last:
+                    total += float(lm_loss_sum(out, y))
+            if not self.is_last:
+                # Forward-only traffic flows one way, so a blocking send cannot deadlock.
+                dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.stage + 1)
+            tokens += y.numel()
+        value = torch.tensor([total], dtype=torch.float64, device=self.ctx.device)
+        dist.broadcast(value, src=self.n_stages - 1)
+        return float(value) / tokens
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gather every stage's tensors to rank 0, keyed and ordered as the full GPT's."""
+        local = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        parts: list[Any] | None = [None] * self.n_stages if self.stage == 0 else None
+        dist.gather_object(local, parts, dst=0)
+        if parts is None:
+            return None
+        merged = {k: v for part in parts for k, v in part.items()}
+        return {k: merged[k] for k in self.full_keys}
+
+    def close(self) -> None:
+        """Make sure no send is left in flight."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+
+class GPipeStrategy(PipelineStrategy):
+    """``pp-gpipe``: all forwards, then all backwards."""
+
+    name = "pp-gpipe"
+
+    def order(self, n_micro: int) -> Order:
+        """See ``gpipe_order``."""
+        return gpipe_order(n_micro, self.stage, self.n_stages)
+
+
+class OneFOneBStrategy(PipelineStrategy):
+    """``pp-1f1b``: warm-up forwards, one-forward-one-backward, cool-down backwards."""
+
+    name = "pp-1f1b"
+
+    def order(self, n_micro: int) -> Order:
+        """See ``one_f_one_b_order``."""
+        return one_f_one_b_order(n_micro, self.stage, self.n_stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The same stages through torch.distributed.pipelining
+# ---------------------------------------------------------------------------------------------
+
+
+def _timed_stage(strategy: TorchPipelineStrategy, *args: Any, **kwargs: Any) -> Any:
+    """torch's ``PipelineStage(*args, **kwargs)``, recording each forward and backward.
+
+    The schedule drives the stage through ``forward_one_chunk`` / ``backward_one_chunk``, one
+    micro-batch each, so timing those two calls gives the same events as the hand-written
+    pipeline (send and recv are issued inside torch's schedule and are not recorded).
+    torch.distributed.pipelining is imported here, not at the top of the file: the import
+    takes about a second, which the hand-written pipelines need not pay.
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    class TimedStage(PipelineStage):
+        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            mb = strategy.first_index + fwd_chunk_id
+            with strategy.timeline.span("forward", strategy.current_step, mb):
+                return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+        def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            mb = strategy.first_index + bwd_chunk_id
+            with strategy.timeline.span("backward", strategy.current_step, mb):
+                return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+    return TimedStage(*args, **kwargs)
+
+
+class TorchPipelineStrategy(PipelineStrategy):
+    """``pp-torch``: our stages, torch's ``Schedule1F1B`` and its send/recv.
+
+    torch's 1F1B needs ``micro_batches >= world_size`` (it raises otherwise). Its loss function
+    is ours: the micro-batch's summed cross-entropy divided by the global token count, and
+    ``scale_grads=False`` so torch does not divide the gradients by the number of micro-batches
+    again. Evaluation reuses the hand-written forward-only pass.
+    """
+
+    name = "pp-torch"
+
+    def setup(self) -> None:
+        """Cut the model as the hand-written pipeline does, then wrap the stage for torch."""
+        from torch.distributed.pipelining import Schedule1F1B
+
+        super().setup()
+        cfg, m = self.cfg, self.cfg.micro_batches
+        if m < self.n_stages:
+            raise ValueError(
+                f"TrainConfig.micro_batches={m} is invalid: pp-torch uses torch's Schedule1F1B, "
+                f"which needs at least one micro-batch per stage (world_size={self.n_stages})"
+            )
+        rows = cfg.global_batch_size // cfg.grad_accum_steps // m
+        t, dev = self.module.cfg.block_size, self.ctx.device
+        # Example tensors of one micro-batch put torch's stage in its static mode: no shape
+        # inference at the first step. They require grad where the real ones do (activations),
+        # which tells torch that gradients flow back through them.
+        act = torch.zeros(rows, t, self.width, dtype=ACTIVATION_DTYPE, device=dev)
+        act.requires_grad_()
+        tokens = torch.zeros(rows, t, dtype=torch.long, device=dev)
+        logits = torch.zeros(rows, t, self.module.cfg.vocab_size, device=dev, requires_grad=True)
+        self.current_step, self.first_index = 0, 0
+        self._loss_sums: list[torch.Tensor] = []
+        self._scale = 1.0
+        self.pipe_stage = _timed_stage(
+            self,
+            self.module,
+            self.stage,
+            self.n_stages,
+            dev,
+            input_args=tokens if self.is_first else act,
+            output_args=logits if self.is_last else act,
+        )
+        self.schedule = Schedule1F1B(
+            self.pipe_stage, n_microbatches=m, loss_fn=self._loss_fn, scale_grads=False
+        )
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss_sum = lm_loss_sum(logits, targets)
+        self._loss_sums.append(loss_sum.detach())
+        return loss_sum * self._scale
+
+    def forward_backward(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, step: int
+    ) -> torch.Tensor:
+        """One ``schedule.step`` per grad-accum chunk; torch splits it into micro-batches."""
+        self.current_step, self._scale = step, 1.0 / n_tokens
+        self._loss_sums.clear()
+        for chunk, (x, y) in enumerate(micro_batches):
+            self.first_index = chunk * self.cfg.micro_batches
+            args = (x,) if self.is_first else ()
+            with self.autocast():
+                self.schedule.step(*args, target=y if self.is_last else None)
+        total = torch.zeros((), device=self.ctx.device)
+        for loss_sum in self._loss_sums:
+            total += loss_sum
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Reading a pipeline's timeline
+# ---------------------------------------------------------------------------------------------
+
+PIPELINE_PHASES = ("forward", "backward", "send", "recv")
+
+
+def _steady(timeline: pd.DataFrame, skip_steps: int) -> pd.DataFrame:
+    """Pipeline events of the steps after the first ``skip_steps`` (all if there are no others)."""
+    tl = timeline[timeline["phase"].isin(PIPELINE_PHASES)]
+    steps = sorted(tl["step"].unique())
+    keep = steps[skip_steps:] if len(steps) > skip_steps else steps
+    return tl[tl["step"].isin(keep)]
+
+
+def _micro_batches_per_step(tl: pd.DataFrame) -> int:
+    forwards = tl[tl["phase"] == "forward"].groupby(["rank", "step"]).size()
+    return int(forwards.max()) if len(forwards) else 0
+
+
+def bubble_fraction(
+    timeline: pd.DataFrame,
+    micro_batches: int | None = None,
+    skip_steps: int = 1,
+    per_step: bool = False,
+) -> pd.DataFrame:
+    """Measured idle fraction of each stage against the theory ``(p - 1) / (m + p - 1)``.
+
+    For each step, the *step time* is the pipeline's span: from the first forward to start (on
+    stage 0) to the last backward to end (on stage 0 too). A rank's *busy* time is the sum of
+    its forward and backward events; idle = step time - busy, which includes waiting in recv
+    and the cost of posting sends. Steps after the first ``skip_steps`` count (the first step
+    pays one-off costs). ``micro_batches`` is m, the micro-batches per pipeline flush; by
+    default the forwards per rank per step (pass it when ``grad_accum_steps > 1``). The theory
+    assumes equal stages and free communication, so compare balanced runs.
+
+    Returns one row per rank (``per_step=True``: per rank and step) with ``busy_s, step_s,
+    bubble, theory``.
+    """
+    tl = _steady(timeline, skip_steps)
+    compute = tl[tl["phase"].isin(("forward", "backward"))]
+    if compute.empty:
+        raise ValueError("the timeline holds no forward/backward events")
+    p = int(compute["rank"].nunique())
+    m = micro_batches or _micro_batches_per_step(compute)
+    window = compute.groupby("step").agg(start=("start_s", "min"), end=("end_s", "max"))
+    step_s = window["end"] - window["start"]
+    busy = (compute["end_s"] - compute["start_s"]).groupby([compute["rank"], compute["step"]]).sum()
+    out = busy.rename("busy_s").reset_index()
+    out["step_s"] = out["step"].map(step_s)
+    if not per_step:
+        out = out.groupby("rank")[["busy_s", "step_s"]].sum().reset_index()
+    out["bubble"] = 1.0 - out["busy_s"] / out["step_s"]
+    out["theory"] = (p - 1) / (m + p - 1)
+    return out.set_index(["rank", "step"] if per_step else "rank")
+
+
+def peak_activations(timeline: pd.DataFrame) -> pd.DataFrame:
+    """Per rank: the most micro-batches whose forward had finished but whose backward had not.
+
+    That is how many micro-batches' activations a stage holds at once. Returns one row per rank:
+    ``peak`` (measured, max over steps), ``gpipe`` (= m) and ``one_f_one_b`` (= min(m, p - stage)).
+    """
+    tl = timeline[timeline["phase"].isin(("forward", "backward"))]
+    if tl.empty:
+        raise ValueError("the timeline holds no forward/backward events")
+    p = int(tl["rank"].nunique())
+    m = _micro_batches_per_step(tl)
+    rows = []
+    for rank, events in tl.groupby("rank"):
+        peak = 0
+        for _, g in events.groupby("step"):
+            alive = 0
+            # A forward keeps its activations from its end; a backward frees them at its end.
+            for phase in g.sort_values("end_s")["phase"]:
+                alive += 1 if phase == "forward" else -1
+                peak = max(peak, alive)
+        rows.append({"rank": rank, "peak": peak, "gpipe": m, "one_f_one_b": min(m, p - int(rank))})
+    return pd.DataFrame(rows).set_index("rank")
