@@ -270,7 +270,20 @@ class TrainConfig:
                         f"must divide the batch per optimizer micro-step "
                         f"(global_batch_size/grad_accum_steps={per_mb})",
                     )
+            if s == "pp-torch" and self.micro_batches < w:
+                _fail(
+                    "micro_batches",
+                    self.micro_batches,
+                    f"pp-torch (torch's Schedule1F1B) needs at least world_size={w} micro-batches",
+                )
             if s == "tp":
+                if self.clip == "agc":
+                    _fail(
+                        "clip",
+                        "agc",
+                        "tp splits the rows of row-parallel weights across ranks, so unit-wise "
+                        "AGC is not exact; use 'none', 'norm', 'value', 'autoclip' or 'zclip'",
+                    )
                 if preset.n_head % w:
                     _fail("world_size", w, f"tp needs n_head={preset.n_head} divisible by it")
                 if (4 * preset.d_model) % w:

@@ -50,8 +50,14 @@ class Timeline:
         finally:
             self.add(phase, step, micro_batch, start, self.now())
 
-    def durations(self, step: int) -> tuple[float, float]:
-        """(compute seconds, communication seconds) this rank recorded for ``step``."""
+    def durations(self, step: int, nested_comm: bool = False) -> tuple[float, float]:
+        """(compute seconds, communication seconds) this rank recorded for ``step``.
+
+        With ``nested_comm`` the communication spans happened *inside* compute spans and blocked
+        them (tensor parallelism's all-reduces within forward and backward), so they are taken out
+        of the compute time. Otherwise they ran alongside (data parallelism's async buckets) or
+        between compute spans, and compute is the plain sum of the compute spans.
+        """
         compute = comm = 0.0
         for _, s, _, phase, start, end in self.rows:
             if s == step:
@@ -59,4 +65,4 @@ class Timeline:
                     comm += end - start
                 else:
                     compute += end - start
-        return compute, comm
+        return (compute - comm if nested_comm else compute), comm

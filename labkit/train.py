@@ -223,7 +223,7 @@ class Trainer:
 
         loss = s.reduce_loss(local_loss) / n_tokens
         step_time = time.perf_counter() - t_start
-        compute_s, comm_s = s.timeline.durations(step)
+        compute_s, comm_s = s.timeline.durations(step, s.nested_comm)
         local_tokens = sum(m[1].numel() for m in micro)
         self.step += 1
         return {

@@ -73,3 +73,10 @@ def test_valid_config_round_trips():
     assert cfg.freeze == ("embed.pos",)
     assert cfg.replace(steps=7).steps == 7
     assert cfg.dp_size == 2
+
+
+def test_parallel_specific_rules():
+    with pytest.raises(ValueError, match="micro_batches"):
+        TrainConfig(model="nano", strategy="pp-torch", world_size=2, micro_batches=1)
+    with pytest.raises(ValueError, match="clip"):
+        TrainConfig(model="nano", strategy="tp", world_size=2, clip="agc")

@@ -53,6 +53,9 @@ class Strategy:
     """
 
     name = "single"
+    # True where communication blocks inside forward/backward (tensor parallel): see
+    # Timeline.durations.
+    nested_comm = False
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, model: GPT) -> None:
         self.cfg = cfg

@@ -246,6 +246,8 @@ class TensorParallelStrategy(Strategy):
     timeline events are nested inside the forward and backward events that issue them.
     """
 
+    nested_comm = True  # the all-reduces block inside forward and backward
+
     name = "tp"
 
     def setup(self) -> None:
