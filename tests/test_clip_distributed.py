@@ -1,25 +1,20 @@
 """Global-norm clipping across two real Gloo processes, each holding half of the gradients.
 
-The parent starts a TCPStore on a free port (port 0), spawns two workers that rendezvous
-through it, and each worker saves its results to a file. Every wait is bounded and the
-workers are killed in a ``finally`` block, so a hang fails the test instead of the CI run.
+``labkit.launch.spawn`` starts the workers: rendezvous on a free port, every wait bounded, every
+process reaped, so a hang fails the test instead of the CI run.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from labkit.clip import AutoClip, ZClip, clip_grad_norm_
+from labkit.launch import spawn
 
 WORLD_SIZE = 2
 MAX_NORM = 1.0
@@ -58,77 +53,33 @@ def adaptive_clipper(method: str) -> AutoClip | ZClip:
     return AutoClip(percentile=10.0) if method == "autoclip" else ZClip(warmup_steps=2)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank: clip its piece with group=WORLD in several settings, save what it saw."""
-    out = Path(out_dir)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
-        dist.init_process_group(
-            "gloo",
-            store=store,
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=timedelta(seconds=30),
-        )
-        results: dict[str, object] = {}
-        for layout in ("halves", "empty"):
-            for norm_type in (2.0, math.inf):
-                for group in ("world", "list"):
-                    mine = shard(model_params(), rank, layout)
-                    g = dist.group.WORLD if group == "world" else [dist.group.WORLD]
-                    norm = clip_grad_norm_(mine, MAX_NORM, norm_type, group=g)
-                    results[f"{layout}-{norm_type}-{group}"] = (norm, [p.grad for p in mine])
-        for method in ("autoclip", "zclip"):
-            clipper = adaptive_clipper(method)
-            steps = []
-            for target in ADAPTIVE_NORMS:
-                params = model_params()
-                set_global_norm(params, target)
-                mine = shard(params, rank, "halves")
-                norm = clipper(mine, group=dist.group.WORLD)
-                steps.append((norm, [p.grad for p in mine]))
-            results[method] = steps
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _worker(rank: int, world_size: int) -> dict[str, object]:
+    """One rank: clip its piece with group=WORLD in several settings, return what it saw."""
+    results: dict[str, object] = {}
+    for layout in ("halves", "empty"):
+        for norm_type in (2.0, math.inf):
+            for group in ("world", "list"):
+                mine = shard(model_params(), rank, layout)
+                g = dist.group.WORLD if group == "world" else [dist.group.WORLD]
+                norm = clip_grad_norm_(mine, MAX_NORM, norm_type, group=g)
+                results[f"{layout}-{norm_type}-{group}"] = (norm, [p.grad for p in mine])
+    for method in ("autoclip", "zclip"):
+        clipper = adaptive_clipper(method)
+        steps = []
+        for target in ADAPTIVE_NORMS:
+            params = model_params()
+            set_global_norm(params, target)
+            mine = shard(params, rank, "halves")
+            norm = clipper(mine, group=dist.group.WORLD)
+            steps.append((norm, [p.grad for p in mine]))
+        results[method] = steps
+    return results
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Run the two workers once; return each rank's saved results."""
-    out_dir = tmp_path_factory.mktemp("clip_dist")
-    # The parent hosts the rendezvous store on port 0: the OS picks a free port.
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
-    )
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, store.port, str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        errors = {r: (out_dir / f"rank{r}.err") for r in range(WORLD_SIZE)}
-        for rank, p in enumerate(procs):
-            if errors[rank].exists():
-                pytest.fail(f"rank {rank} failed:\n{errors[rank].read_text()}")
-            if p.is_alive():
-                pytest.fail(f"rank {rank} did not finish within {TIMEOUT_S} s")
-            assert p.exitcode == 0, f"rank {rank} exited with code {p.exitcode}"
-        return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
+def rank_results() -> list[dict]:
+    """Run the two workers once (labkit.launch.spawn: free port, bounded, reaped)."""
+    return spawn(_worker, WORLD_SIZE, timeout_s=TIMEOUT_S, threads=1)
 
 
 def single_process(norm_type: float) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,26 +1,20 @@
 """NaiveDP, BucketedDP and ShardedOptimizer on a plain nn.Module, in a process group we set up.
 
-This is how a learner uses them on their own model: no labkit training loop. The parent opens a
-TCPStore on a free port (port 0), spawns two Gloo workers that each run every scenario and save
-what they saw; the parent recomputes the expected values in a single process. Every wait is
-bounded and the workers are killed in a ``finally`` block, so a hang fails the test, not CI.
+This is how a learner uses them on their own model: no labkit training loop. Two Gloo workers
+(started by ``labkit.launch.spawn``: free port, bounded, reaped) each run every scenario and
+return what they saw; the parent recomputes the expected values in a single process.
 """
 
 from __future__ import annotations
 
 import io
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.launch import spawn
 from labkit.parallel.data_parallel import BucketedDP, NaiveDP
 from labkit.parallel.zero import ShardedOptimizer
 from labkit.schedules import get_schedule
@@ -161,55 +155,15 @@ def _optimizer_scenario(rank: int) -> dict:
     return seen
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    out = Path(out_dir)
-    try:
-        torch.set_num_threads(1)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=30)
-        )
-        results = {"wrappers": _wrapper_scenarios(rank), "optimizer": _optimizer_scenario(rank)}
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _worker(rank: int, world_size: int) -> dict:
+    torch.set_num_threads(1)
+    return {"wrappers": _wrapper_scenarios(rank), "optimizer": _optimizer_scenario(rank)}
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Run the two workers once; return what each rank saved."""
-    out_dir = tmp_path_factory.mktemp("dp_blocks")
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
-    )
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, store.port, str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for rank, p in enumerate(procs):
-            err = out_dir / f"rank{rank}.err"
-            if err.exists():
-                pytest.fail(f"rank {rank} failed:\n{err.read_text()}")
-            if p.is_alive():
-                pytest.fail(f"rank {rank} did not finish within {TIMEOUT_S} s")
-            assert p.exitcode == 0, f"rank {rank} exited with code {p.exitcode}"
-        return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
+def rank_results() -> list[dict]:
+    """Run the two workers once (labkit.launch.spawn: free port, bounded, reaped)."""
+    return spawn(_worker, WORLD_SIZE, timeout_s=TIMEOUT_S, threads=1)
 
 
 # --------------------------------------------------------------------------- references

@@ -1,27 +1,20 @@
 """Tensor parallelism: the parallel layers equal the dense ones, and "tp" equals "single".
 
-The layer tests run two real Gloo processes: the parent hosts a TCPStore on port 0 (the OS
-picks a free port), spawns the workers (a module-level function, so it pickles), bounds every
-wait, and kills and reaps the workers in ``finally``. Each worker saves what it computed; the
-parent compares it with the dense layers computed here, in one process.
+The layer tests run two real Gloo processes through ``labkit.launch.spawn`` (free port, every wait
+bounded, processes reaped). Each worker returns what it computed; the parent compares it with the
+dense layers computed here, in one process.
 """
 
 from __future__ import annotations
 
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import labkit
 from labkit import checkpoint as ckpt
+from labkit.launch import spawn
 from labkit.model import Attention
 from labkit.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -53,97 +46,57 @@ def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.randn(3, 5, D_OUT, generator=g), torch.randn(3, 5, D_IN, generator=g)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank: run the parallel layers on the same input, save outputs and gradients."""
-    out = Path(out_dir)
-    try:
-        timeout = timedelta(seconds=TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=timeout
-        )
-        fc, proj, attn = dense_layers()
-        x, grad_y, grad_a = inputs()
-        results: dict[str, object] = {}
+def _worker(rank: int, world_size: int) -> dict[str, object]:
+    """One rank: run the parallel layers on the same input, return outputs and gradients."""
+    fc, proj, attn = dense_layers()
+    x, grad_y, grad_a = inputs()
+    results: dict[str, object] = {}
 
-        # f and g on their own: f is the identity forward and sums gradients backward;
-        # g sums forward and passes gradients through.
-        t = torch.full((2,), float(rank + 1), requires_grad=True)
-        f_out = copy_to_parallel(t)
-        f_out.backward(torch.full((2,), 10.0 * (rank + 1)))
-        s = torch.full((2,), float(rank + 1), requires_grad=True)
-        g_out = reduce_from_parallel(s * 1.0)
-        g_out.backward(torch.full((2,), 3.0))
-        results["f"] = (f_out.detach(), t.grad)
-        results["g"] = (g_out.detach(), s.grad)
+    # f and g on their own: f is the identity forward and sums gradients backward;
+    # g sums forward and passes gradients through.
+    t = torch.full((2,), float(rank + 1), requires_grad=True)
+    f_out = copy_to_parallel(t)
+    f_out.backward(torch.full((2,), 10.0 * (rank + 1)))
+    s = torch.full((2,), float(rank + 1), requires_grad=True)
+    g_out = reduce_from_parallel(s * 1.0)
+    g_out.backward(torch.full((2,), 3.0))
+    results["f"] = (f_out.detach(), t.grad)
+    results["g"] = (g_out.detach(), s.grad)
 
-        # Column-parallel fc, GELU, row-parallel proj: the Megatron MLP pattern.
-        col, row = ColumnParallelLinear(fc), RowParallelLinear(proj)
-        xi = x.clone().requires_grad_()
-        y = row(F.gelu(col(xi)))
-        y.backward(grad_y)
-        results["mlp"] = {
-            "y": y.detach(),
-            "x.grad": xi.grad,
-            "col.weight": col.weight.detach(),
-            "col.weight.grad": col.weight.grad,
-            "col.bias.grad": col.bias.grad,
-            "row.weight": row.weight.detach(),
-            "row.weight.grad": row.weight.grad,
-            "row.bias.grad": row.bias.grad,
-        }
+    # Column-parallel fc, GELU, row-parallel proj: the Megatron MLP pattern.
+    col, row = ColumnParallelLinear(fc), RowParallelLinear(proj)
+    xi = x.clone().requires_grad_()
+    y = row(F.gelu(col(xi)))
+    y.backward(grad_y)
+    results["mlp"] = {
+        "y": y.detach(),
+        "x.grad": xi.grad,
+        "col.weight": col.weight.detach(),
+        "col.weight.grad": col.weight.grad,
+        "col.bias.grad": col.bias.grad,
+        "row.weight": row.weight.detach(),
+        "row.weight.grad": row.weight.grad,
+        "row.bias.grad": row.bias.grad,
+    }
 
-        # Attention with the heads split across the two ranks.
-        pattn = ParallelAttention(attn)
-        xa = x.clone().requires_grad_()
-        a = pattn(xa)
-        a.backward(grad_a)
-        results["attn"] = {
-            "out": a.detach(),
-            "x.grad": xa.grad,
-            "n_head": pattn.n_head,
-            **{f"{n}.grad": p.grad for n, p in pattn.named_parameters()},
-        }
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Attention with the heads split across the two ranks.
+    pattn = ParallelAttention(attn)
+    xa = x.clone().requires_grad_()
+    a = pattn(xa)
+    a.backward(grad_a)
+    results["attn"] = {
+        "out": a.detach(),
+        "x.grad": xa.grad,
+        "n_head": pattn.n_head,
+        **{f"{n}.grad": p.grad for n, p in pattn.named_parameters()},
+    }
+    return results
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Run the two workers once; return each rank's saved results."""
-    out_dir = tmp_path_factory.mktemp("tp_layers")
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=TIMEOUT_S)
-    )
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, store.port, str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for rank, p in enumerate(procs):
-            err = out_dir / f"rank{rank}.err"
-            if err.exists():
-                pytest.fail(f"rank {rank} failed:\n{err.read_text()}")
-            if p.is_alive():
-                pytest.fail(f"rank {rank} did not finish within {TIMEOUT_S} s")
-            assert p.exitcode == 0, f"rank {rank} exited with code {p.exitcode}"
-        return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
+def rank_results() -> list[dict]:
+    """Run the two workers once (labkit.launch.spawn: free port, bounded, reaped)."""
+    return spawn(_worker, WORLD_SIZE, timeout_s=TIMEOUT_S, threads=1)
 
 
 @pytest.mark.distributed
