@@ -10,8 +10,6 @@ with notes on the machine; an absolute time on its own says little on a shared m
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +19,7 @@ import pandas as pd
 import torch
 
 from labkit.clip import clip_grad_norm_
+from labkit.perf import machine_info
 
 __all__ = ["bench_clip", "gpt_like_shapes", "main", "run"]
 
@@ -90,14 +89,7 @@ def bench_clip(
     (labkit / torch; below 1.05 is the target), and the machine it ran on.
     """
     dev = _resolve_device(device)
-    machine = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-    }
+    machine = machine_info(dev)
     rows = []
     for d_model in d_models:
         params = _make_params(gpt_like_shapes(n_tensors, d_model), dev)
@@ -162,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
     first = table.iloc[0]
     print(
         f"\nmachine: {first['device']}, {first['platform']}, {first['cpu_count']} CPUs "
-        f"({first['torch_threads']} torch threads), torch {first['torch_version']}"
+        f"({first['torch_threads']} torch threads), torch {first['torch']}"
     )
     print("target: ratio <= 1.05 (labkit time / torch time, medians of alternating calls)")
     if args.csv:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,25 +34,13 @@ import pandas as pd
 import torch
 
 import labkit
+from labkit.perf import machine_info
 
-__all__ = ["benchmark", "interleaved_steps", "machine", "main", "run", "throughput", "whole_runs"]
+__all__ = ["benchmark", "interleaved_steps", "main", "run", "throughput", "whole_runs"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DP_STRATEGIES = ("dp-naive", "dp-bucketed", "ddp", "zero1", "fsdp")
 PAIR = ("dp-bucketed", "ddp")  # labkit, torch
-
-
-def machine() -> dict[str, str]:
-    """Where the numbers come from (a shared, loaded machine reads very differently)."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "device": device,
-        "platform": platform.platform(),
-        "cores": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load average (1, 5, 15 min) at start": _load(),
-    }
 
 
 def _load() -> str:
@@ -291,7 +278,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="write benchmarks/results/dp-*.md")
     args = parser.parse_args(argv)
 
-    info = machine()
+    info = machine_info()
     out = benchmark(
         model=args.model,
         steps=args.steps,

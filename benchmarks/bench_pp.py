@@ -18,8 +18,6 @@ On a shared machine the absolute times mean little: read the ratio, and the load
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,21 +27,10 @@ import torch
 
 import labkit
 from labkit.parallel.pipeline import bubble_fraction, peak_activations
+from labkit.perf import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("pp-1f1b", "pp-torch")
-
-
-def machine() -> dict[str, str]:
-    """Where the numbers come from (a shared, loaded machine reads very differently)."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return {
-        "platform": platform.platform(),
-        "cores": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load average (1, 5, 15 min) at start": load,
-    }
 
 
 def steady_step_times(result: labkit.RunResult) -> list[float]:
@@ -164,7 +151,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
 
-    info = machine()
+    info = machine_info()
     common = dict(
         model=args.model,
         world_size=args.world_size,

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import labkit
-from benchmarks.bench_pp import machine, steady_step_times
+from benchmarks.bench_pp import steady_step_times
+from labkit.perf import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,7 +106,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
 
-    info = machine()
+    info = machine_info()
     common = dict(
         model=args.model,
         global_batch_size=args.global_batch_size,

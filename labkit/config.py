@@ -299,16 +299,7 @@ class TrainConfig:
         except ImportError:  # the schedules module is optional while the package is assembled
             return
         try:
-            validate_schedule_args(
-                self.schedule,
-                peak_lr=self.lr,
-                total_steps=self.steps,
-                warmup_steps=self.warmup_steps,
-                warmup=self.warmup,
-                min_lr=self.min_lr,
-                beta2=self.beta2,
-                **self.schedule_kwargs,
-            )
+            validate_schedule_args(self.schedule, **self.schedule_args())
         except ValueError as err:
             raise ValueError(f"TrainConfig.schedule: {err}") from None
 
@@ -320,6 +311,24 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for checkpoints, CSV headers and notebooks)."""
         return dataclasses.asdict(self)
+
+    def schedule_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``labkit.schedules.get_schedule`` for this run (beside the name)."""
+        return {
+            "peak_lr": self.lr,
+            "total_steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "warmup": self.warmup,
+            "min_lr": self.min_lr,
+            "beta2": self.beta2,
+            **self.schedule_kwargs,
+        }
+
+    def lr_schedule(self) -> Any:
+        """The ``labkit.schedules.Schedule`` (step -> lr) this run follows."""
+        from labkit.schedules import get_schedule
+
+        return get_schedule(self.schedule, **self.schedule_args())
 
     def optimizer_spec(self) -> tuple[type, dict[str, Any]]:
         """The optimizer class and its keyword arguments (lr is set by the schedule)."""

@@ -15,18 +15,19 @@ import torch
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, str | int]:
-    """What a benchmark ran on: platform, CPU count, threads, torch version, and the GPU's name."""
+    """What a benchmark ran on: device (the GPU's name), platform, cores, threads, versions, load."""
     device = torch.device(device)
     info: dict[str, str | int] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count() or 1,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": device.type,
+        "python": platform.python_version(),
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):  # a shared, loaded machine reads very differently
+        info["load average (1, 5, 15 min)"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return info
 
 

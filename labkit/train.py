@@ -32,7 +32,6 @@ from labkit.data import global_batch, load_corpus, split_micro_batches, validati
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
 from labkit.parallel import make_strategy
 from labkit.parallel.base import DistContext, Strategy
-from labkit.schedules import get_schedule
 
 
 @dataclass
@@ -103,16 +102,7 @@ class Trainer:
         if cfg.precision == "fp16":
             self.strategy.scaler = torch.amp.GradScaler(ctx.device.type)
         self.optimizer = self.strategy.make_optimizer()
-        self.schedule = get_schedule(
-            cfg.schedule,
-            peak_lr=cfg.lr,
-            total_steps=cfg.steps,
-            warmup_steps=cfg.warmup_steps,
-            warmup=cfg.warmup,
-            min_lr=cfg.min_lr,
-            beta2=cfg.beta2,
-            **cfg.schedule_kwargs,
-        )
+        self.schedule = cfg.lr_schedule()
         self.scheduler = self.schedule.as_scheduler(self.optimizer)
         self.clipper = make_clipper(
             cfg.clip,

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 import labkit
 from labkit.data import load_corpus
 from labkit.result import RunResult
-from labkit.schedules import get_schedule
 
 __all__ = [
     "SCHEDULE_COMPARISON",
@@ -181,16 +180,7 @@ def lr_per_step(result: RunResult) -> pd.DataFrame:
     ``grad_accum_steps`` is, because the schedule counts optimizer steps, not micro-batches.
     """
     cfg = result.config
-    schedule = get_schedule(
-        cfg.schedule,
-        peak_lr=cfg.lr,
-        total_steps=cfg.steps,
-        warmup_steps=cfg.warmup_steps,
-        warmup=cfg.warmup,
-        min_lr=cfg.min_lr,
-        beta2=cfg.beta2,
-        **cfg.schedule_kwargs,
-    )
+    schedule = cfg.lr_schedule()
     m = result.metrics[result.metrics["rank"] == 0]
     return pd.DataFrame(
         {

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from labkit.lessons.clipping import DirectionComparison, first_nonfinite_step, module_grad_norms
 from labkit.plots.common import new_figure
+from labkit.plots.training import draw_grad_norm, log_if_wide, rank0
 
 __all__ = [
     "plot_clip_direction_2d",
@@ -34,14 +35,6 @@ __all__ = [
     "plot_runs",
     "plot_spike",
 ]
-
-
-def _metrics(run: Any) -> pd.DataFrame:
-    """The metrics table of a RunResult, a ToyRun or a plain DataFrame; rank 0's rows only."""
-    frame = run.metrics if hasattr(run, "metrics") else run
-    if "rank" in frame:
-        frame = frame[frame["rank"] == 0]
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,29 +61,21 @@ def plot_module_norms(modules: pd.DataFrame, title: str = "Gradient norm per lay
 
 def _full_step_range(ax: Axes, runs: Mapping[str, Any]) -> None:
     """Show every step, also those after a divergence where nothing finite is left to draw."""
-    steps = pd.concat([_metrics(run)["step"] for run in runs.values()])
+    steps = pd.concat([rank0(run)["step"] for run in runs.values()])
     ax.set_xlim(float(steps.min()) - 0.5, float(steps.max()) + 0.5)
-
-
-def _log_if_wide(ax: Axes, columns: list[pd.Series]) -> None:
-    """Log scale when the finite values span more than a factor 30 (an explosion), else linear:
-    a run that stays put reads better on plain numbers."""
-    values = pd.concat(columns).to_numpy(dtype=float)
-    values = values[np.isfinite(values) & (values > 0)]
-    if len(values) and values.max() / values.min() > 30:
-        ax.set_yscale("log")
 
 
 def _draw_loss(ax: Axes, runs: Mapping[str, Any]) -> None:
     for i, (label, run) in enumerate(runs.items()):
-        m = _metrics(run)
+        m = rank0(run)
         color = f"C{i}"
         ax.plot(m["step"], m["loss"], color=color, label=label)
         # A diverged loss turns into nan/inf, which a plot silently leaves out: mark where.
         bad = first_nonfinite_step(m)
         if bad is not None:
             ax.axvline(bad, color=color, linestyle=":", label=f"{label}: nan/inf from step {bad}")
-    _log_if_wide(ax, [_metrics(run)["loss"] for run in runs.values()])
+    losses = pd.concat([rank0(run)["loss"] for run in runs.values()])
+    log_if_wide(ax, losses.to_numpy(dtype=float))
     _full_step_range(ax, runs)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -99,25 +84,8 @@ def _draw_loss(ax: Axes, runs: Mapping[str, Any]) -> None:
 
 
 def _draw_norms(ax: Axes, runs: Mapping[str, Any]) -> None:
-    for i, (label, run) in enumerate(runs.items()):
-        m = _metrics(run)
-        color = f"C{i}"
-        ax.plot(m["step"], m["grad_norm"], color=color, label=f"{label}: before clipping")
-        ax.plot(
-            m["step"],
-            m["grad_norm_clipped"],
-            color=color,
-            linestyle="--",
-            label=f"{label}: after clipping",
-        )
-    _log_if_wide(
-        ax, [_metrics(run)[c] for run in runs.values() for c in ("grad_norm", "grad_norm_clipped")]
-    )
+    draw_grad_norm(ax, runs)
     _full_step_range(ax, runs)
-    ax.set_xlabel("step")
-    ax.set_ylabel("global gradient 2-norm")
-    ax.set_title("Gradient norm")
-    ax.legend(fontsize=8)
 
 
 def plot_runs(runs: Mapping[str, Any], title: str | None = None) -> Figure:

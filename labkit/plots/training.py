@@ -51,9 +51,11 @@ def as_runs(runs: Any, label: str = "run") -> dict[str, Any]:
     return {label: runs}
 
 
-def _log_if_wide(ax: Axes, values: np.ndarray) -> None:
-    # A log scale only when the values span more than a factor 30 (an explosion); a healthy run
-    # reads better on plain numbers.
+def log_if_wide(ax: Axes, values: np.ndarray) -> None:
+    """Log y-scale when the finite values span more than a factor 30 (an explosion).
+
+    A healthy run reads better on plain numbers.
+    """
     values = values[np.isfinite(values) & (values > 0)]
     if len(values) and values.max() / values.min() > 30:
         ax.set_yscale("log")
@@ -105,7 +107,7 @@ def draw_grad_norm(ax: Axes, runs: Runs) -> None:
             label=f"{label}: after clipping",
         )
         values.append(m[["grad_norm", "grad_norm_clipped"]].to_numpy(dtype=float).ravel())
-    _log_if_wide(ax, np.concatenate(values) if values else np.array([]))
+    log_if_wide(ax, np.concatenate(values) if values else np.array([]))
     ax.set_xlabel("step")
     ax.set_ylabel("global gradient 2-norm")
     ax.set_title("Gradient norm")
