@@ -52,4 +52,4 @@ def test_bad_flag_is_one_line_not_a_traceback(tmp_path):
 def test_help_shows_defaults(tmp_path):
     proc = _labkit("train", "--help", cwd=tmp_path)
     assert proc.returncode == 0
-    assert "--global-batch-size" in proc.stdout and "(default: 32)" in proc.stdout
+    assert "--global-batch-size" in proc.stdout and "(default: 16)" in proc.stdout
