@@ -53,16 +53,31 @@ class Timeline:
     def durations(self, step: int, nested_comm: bool = False) -> tuple[float, float]:
         """(compute seconds, communication seconds) this rank recorded for ``step``.
 
-        With ``nested_comm`` the communication spans happened *inside* compute spans and blocked
-        them (tensor parallelism's all-reduces within forward and backward), so they are taken out
-        of the compute time. Otherwise they ran alongside (data parallelism's async buckets) or
-        between compute spans, and compute is the plain sum of the compute spans.
+        Each is the length of the *union* of its spans: data parallelism's async bucket
+        all-reduces overlap each other (and backward), and must not be counted twice.
+        With ``nested_comm`` the communication happened *inside* compute spans and blocked them
+        (tensor parallelism's all-reduces within forward and backward), so it is taken out of
+        the compute time.
         """
-        compute = comm = 0.0
+        compute, comm = [], []
         for _, s, _, phase, start, end in self.rows:
             if s == step:
-                if phase in COMM_PHASES:
-                    comm += end - start
-                else:
-                    compute += end - start
-        return (compute - comm if nested_comm else compute), comm
+                (comm if phase in COMM_PHASES else compute).append((start, end))
+        compute_s, comm_s = covered(compute), covered(comm)
+        return (compute_s - comm_s if nested_comm else compute_s), comm_s
+
+
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merge overlapping (start, end) intervals; the result is sorted and disjoint."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Total time covered by the intervals, overlaps counted once."""
+    return sum(end - start for start, end in merge_intervals(intervals))

@@ -33,6 +33,10 @@ from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_co
 from labkit.parallel import make_strategy
 from labkit.parallel.base import DistContext, Strategy
 
+# Validation batches hold this many sequences whatever the training batch, so runs with different
+# batch sizes are measured on the same held-out text (cfg.eval_batches of them).
+VAL_BATCH_SIZE = 16
+
 
 @dataclass
 class RankOutput:
@@ -118,7 +122,7 @@ class Trainer:
             self.corpus,
             seed=cfg.seed,
             n_batches=cfg.eval_batches,
-            batch_size=min(cfg.global_batch_size, 16),
+            batch_size=VAL_BATCH_SIZE,
             block_size=self.model_cfg.block_size,
         )
         self.step = 0

@@ -29,10 +29,11 @@ import torch.multiprocessing as mp
 import labkit
 from labkit.config import TrainConfig
 from labkit.launch import spawn
-from labkit.parallel.collectives import _exchange, allreduce_benchmark, ring_all_reduce
+from labkit.parallel.collectives import allreduce_benchmark, exchange, ring_all_reduce
 from labkit.result import RunResult
 from labkit.schedules import scale_lr_linear
-from labkit.timeline import COMM_PHASES
+from labkit.timeline import COMM_PHASES, covered, merge_intervals
+from labkit.train import VAL_BATCH_SIZE
 
 __all__ = [
     "EQUIVALENCE",
@@ -87,13 +88,13 @@ def _ring_step_by_step(rank: int, n: int) -> list[dict[str, Any]]:
     for s in range(n - 1):
         send, got = (rank - s) % n, (rank - s - 1) % n
         incoming = torch.empty_like(chunks[got])
-        _exchange(chunks[send], incoming, right, left, None)
+        exchange(chunks[send], incoming, right, left, None)
         chunks[got].add_(incoming)
         snapshots.append(("reduce-scatter", s + 1, got, x.tolist()))
     # All-gather: pass the finished chunks on around the ring, overwriting.
     for s in range(n - 1):
         send, got = (rank + 1 - s) % n, (rank - s) % n
-        _exchange(chunks[send], chunks[got], right, left, None)
+        exchange(chunks[send], chunks[got], right, left, None)
         snapshots.append(("all-gather", n + s, got, x.tolist()))
     out = []
     for phase, step, got, values in snapshots:
@@ -276,21 +277,6 @@ def worst_difference(reference: RunResult, others: Mapping[str, RunResult]) -> p
 # ---------------------------------------------------------------------------------------------
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Merge overlapping intervals (sorted, disjoint afterwards)."""
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _length(intervals: list[tuple[float, float]]) -> float:
-    return sum(end - start for start, end in intervals)
-
-
 def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
     """Total length of the overlap of two disjoint, sorted interval lists."""
     total, i, j = 0.0, 0, 0
@@ -322,12 +308,12 @@ def step_breakdown(runs: RunResult | Mapping[str, RunResult], skip: int = 2) -> 
             if step < skip:
                 continue
             spans = list(zip(events["phase"], events["start_s"], events["end_s"]))
-            compute = _union([(s, e) for p, s, e in spans if p not in COMM_PHASES])
-            comm = _union([(s, e) for p, s, e in spans if p in COMM_PHASES])
+            compute = merge_intervals([(s, e) for p, s, e in spans if p not in COMM_PHASES])
+            comm = merge_intervals([(s, e) for p, s, e in spans if p in COMM_PHASES])
             hidden = _intersection(compute, comm)
             row = metrics.loc[(step, rank)]
             step_time = float(row["step_time_s"])
-            compute_s, comm_s = _length(compute), _length(comm)
+            compute_s, comm_s = covered(compute), covered(comm)
             rows.append(
                 {
                     "strategy": label,
@@ -416,7 +402,7 @@ def scaling_experiment(
     results = {}
     for name in tqdm(runs, desc="runs", disable=not progress, leave=False):
         label, kwargs = plans[name]
-        eval_batches = max(1, EVAL_SEQUENCES // min(kwargs["global_batch_size"], 16))
+        eval_batches = EVAL_SEQUENCES // VAL_BATCH_SIZE
         results[label] = labkit.run(**{**kwargs, "eval_batches": eval_batches, "progress": False})
     return results
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "exchange",
     "allreduce_benchmark",
     "bus_bandwidth",
     "ring_all_reduce",
@@ -47,7 +48,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _exchange(
+def exchange(
     send: torch.Tensor, recv: torch.Tensor, right: int, left: int, group: ProcessGroup | None
 ) -> None:
     """Send ``send`` to the right neighbour while receiving ``recv`` from the left one.
@@ -90,13 +91,13 @@ def ring_all_reduce(tensor: torch.Tensor, group: ProcessGroup | None = None) -> 
     for s in range(n - 1):
         send, target = chunks[(rank - s) % n], chunks[(rank - s - 1) % n]
         buffer = incoming[: target.numel()]
-        _exchange(send, buffer, right, left, group)
+        exchange(send, buffer, right, left, group)
         target.add_(buffer)
     # Rank r now holds the complete sum of chunk r + 1. All-gather: pass the finished chunks on
     # around the ring, receiving straight into place.
     for s in range(n - 1):
         send, target = chunks[(rank + 1 - s) % n], chunks[(rank - s) % n]
-        _exchange(send, target, right, left, group)
+        exchange(send, target, right, left, group)
 
     if not tensor.is_contiguous():  # we worked on a copy: write the result back
         tensor.copy_(flat.view(tensor.shape))
