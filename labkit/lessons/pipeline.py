@@ -1,0 +1,267 @@
+"""Helpers for notebook 04, pipeline parallelism: the demonstrations around the real pipeline.
+
+The pipeline itself (stage cutting, the GPipe and 1F1B schedules, the timeline analysis) lives in
+``labkit.parallel.pipeline``; everything that trains goes through the one training loop. What
+lives here is the set-up of each demonstration, so that the notebook cells stay one line each:
+
+1. ``PIPELINE``: the run settings the notebook shares, and ``stage_table``: which layers (and how
+   many parameters) each stage gets.
+2. ``simulate_schedule``: the *ideal* timeline of a schedule (fixed forward and backward times,
+   free communication), in the same columns as a measured one, so the same Gantt chart and the
+   same ``bubble_fraction`` apply to both.
+3. ``run_pipelines``: several pipeline runs in the *same* two worker processes, one after the
+   other, each exactly as ``labkit.run`` trains it; starting processes costs seconds, this pays
+   it once. ``sweep_table`` reads the bubble and the activation peaks out of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.multiprocessing as mp
+
+from labkit.config import TrainConfig
+from labkit.model import count_params
+from labkit.parallel.pipeline import (
+    Order,
+    bubble_fraction,
+    gpipe_order,
+    one_f_one_b_order,
+    peak_activations,
+    stage_bounds,
+)
+from labkit.result import RunResult
+
+__all__ = [
+    "PIPELINE",
+    "SCHEDULES",
+    "run_pipelines",
+    "simulate_schedule",
+    "stage_table",
+    "sweep_table",
+]
+
+# The notebook's runs: the `small` GPT (4 blocks of width 128), whose stages take tens of
+# milliseconds, so compute, not Python overhead, fills the Gantt chart; 48 sequences per step,
+# divisible by 1, 2, 3, 4, 6 and 8 micro-batches; three steps: the first pays one-off costs, the
+# bubble is measured on the other two and the charts show the last; one validation batch, since
+# nothing here reads the validation loss that every run computes at its end. ``world_size`` and
+# ``threads`` are left to each call: two pipeline ranks get one CPU thread each (``threads=2``
+# in total), the single-process reference one thread, so nothing fights over two shared cores.
+PIPELINE: dict[str, Any] = {
+    "model": "small",
+    "steps": 3,
+    "global_batch_size": 48,
+    "eval_every": 0,
+    "eval_batches": 1,
+}
+
+# The hand-written schedules by strategy name; pp-torch runs torch's own 1F1B.
+SCHEDULES: dict[str, Callable[[int, int, int], Order]] = {
+    "pp-gpipe": gpipe_order,
+    "pp-1f1b": one_f_one_b_order,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The cut
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_table(model: str = "small", world_size: int = 2, balance: str = "layers") -> pd.DataFrame:
+    """One row per stage: the layers it runs and their parameter count.
+
+    Built the way every pipeline rank builds it: the whole GPT from the seed, cut by
+    ``stage_bounds``.
+    """
+    from labkit.train import build_model
+
+    gpt = build_model(TrainConfig(model=model))
+    names, layers = gpt.layer_names(), gpt.layers()
+    rows = []
+    for stage, (start, stop) in enumerate(stage_bounds(gpt, world_size, balance)):
+        rows.append(
+            {
+                "stage (rank)": stage,
+                "layers": ", ".join(names[start:stop]),
+                "parameters": sum(count_params(layer) for layer in layers[start:stop]),
+            }
+        )
+    return pd.DataFrame(rows).set_index("stage (rank)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The ideal timeline of a schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def simulate_schedule(
+    schedule: str | Callable[[int, int, int], Order],
+    n_micro: int,
+    n_stages: int,
+    forward_s: float = 1.0,
+    backward_s: float = 2.0,
+) -> pd.DataFrame:
+    """The timeline a schedule would produce if every stage took the same time and sends were free.
+
+    ``schedule`` is a strategy name (``"pp-gpipe"``, ``"pp-1f1b"``) or an order function such as
+    ``gpipe_order``. Each stage runs its actions in order, each as early as it can: the forward of
+    micro-batch ``i`` needs the previous stage's forward of ``i``, its backward the next stage's
+    backward of ``i``. A backward costs about twice a forward (two matrix products per weight
+    instead of one), hence the default times. Returns one step's events in the columns of
+    ``RunResult.timeline`` (``start_s``/``end_s`` in these time units).
+    """
+    order_fn = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+    orders = [order_fn(n_micro, s, n_stages) for s in range(n_stages)]
+    done: dict[tuple[str, int, int], float] = {}  # (action, stage, micro-batch) -> end time
+    free = [0.0] * n_stages  # when each stage finishes its previous action
+    position = [0] * n_stages  # the next action of each stage
+    rows = []
+    while any(position[s] < len(orders[s]) for s in range(n_stages)):
+        progressed = False
+        for s in range(n_stages):
+            if position[s] == len(orders[s]):
+                continue
+            action, i = orders[s][position[s]]
+            if action == "F":
+                needs = ("F", s - 1, i) if s > 0 else None
+            else:
+                needs = ("B", s + 1, i) if s < n_stages - 1 else ("F", s, i)
+            if needs is not None and needs not in done:
+                continue  # waiting for a neighbour: this is where the bubble comes from
+            start = max(free[s], done[needs] if needs else 0.0)
+            end = start + (forward_s if action == "F" else backward_s)
+            done[(action, s, i)] = free[s] = end
+            phase = "forward" if action == "F" else "backward"
+            rows.append((s, 0, i, phase, start, end))
+            position[s] += 1
+            progressed = True
+        if not progressed:
+            raise ValueError("the schedule deadlocks: every stage waits for another")
+    return pd.DataFrame(rows, columns=["rank", "step", "micro_batch", "phase", "start_s", "end_s"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Several pipeline runs, one process start-up
+# ---------------------------------------------------------------------------------------------
+
+
+def _configs_worker(
+    rank: int, world_size: int, configs: list[TrainConfig], progress: Any
+) -> list[dict[str, Any]] | None:
+    """On every rank: train each config in turn, as ``labkit.run``'s workers do."""
+    from labkit.launch import run_rank
+    from labkit.parallel.base import DistContext
+
+    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
+    payloads, done = [], 0
+    for cfg in configs:
+
+        def on_step(step: int, before: int = done) -> None:
+            if rank == 0:
+                progress.value = before + step
+
+        payloads.append(run_rank(cfg, ctx, on_step))
+        done += cfg.steps
+    return payloads if rank == 0 else None
+
+
+def _follow(counter: Any, bar: Any, stop: threading.Event) -> None:
+    """Move the progress bar to the workers' step counter until told to stop."""
+    while not stop.wait(0.1):
+        bar.n = counter.value
+        bar.refresh()
+    bar.n = counter.value
+    bar.refresh()
+
+
+def run_pipelines(
+    runs: Mapping[str, Mapping[str, Any]],
+    *,
+    progress: bool = True,
+    timeout_s: float = 300.0,
+    **common: Any,
+) -> dict[str, RunResult]:
+    """Train several configurations on the same CPU (Gloo) worker processes; ``{label: RunResult}``.
+
+    ``runs`` maps a label to the fields that differ (``strategy``, ``micro_batches``); ``common``
+    holds the rest (``PIPELINE`` on two ranks, one thread each, by default). Each result is what ``labkit.run(**common, **fields)``
+    returns. Every configuration is validated before a process starts, and all must share one
+    ``world_size``.
+    """
+    from tqdm.auto import tqdm
+
+    from labkit.launch import spawn, threads_per_rank
+
+    common = {**PIPELINE, "world_size": 2, "threads": 2, **common, "progress": False}
+    configs = [TrainConfig(**{**common, **fields}) for fields in runs.values()]
+    if not configs:
+        return {}
+    sizes = {c.world_size for c in configs}
+    if len(sizes) != 1:
+        raise ValueError(f"world_size={sorted(sizes)} is invalid: the runs share one process group")
+    counter = mp.get_context("spawn").Value("i", 0)  # rank 0 writes its step count here
+    bar = tqdm(total=sum(c.steps for c in configs), desc="pipeline runs", disable=not progress)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(counter, bar, stop), daemon=True)
+    follower.start()
+    try:
+        per_rank = spawn(
+            _configs_worker,
+            configs[0].world_size,
+            (configs, counter),
+            timeout_s=timeout_s,
+            threads=threads_per_rank(configs[0]),
+        )
+    finally:
+        stop.set()
+        follower.join()
+        bar.close()
+    results = {}
+    for label, cfg, payload in zip(runs, configs, per_rank[0], strict=True):
+        info = dict(payload["info"], backend="gloo", world_size=cfg.world_size)
+        results[label] = RunResult.from_ranks(cfg, payload, info)
+    return results
+
+
+def sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
+    """One row per run and rank: schedule, m, step and busy time, bubble, theory, activation peaks.
+
+    Over the steps after the first (which pays one-off costs): ``step_ms`` is the rank's median
+    step time, ``busy_ms`` its mean forward-plus-backward time per step, ``bubble`` the measured
+    idle fraction (``bubble_fraction``). ``peak`` is the most micro-batches whose activations
+    the stage held at once; ``peak_sequences`` multiplies it by the sequences per micro-batch,
+    which is what memory follows when the global batch is fixed.
+    """
+    rows = []
+    for label, run in runs.items():
+        cfg = run.config
+        bubble = bubble_fraction(run.timeline)
+        busy_ms = (
+            bubble_fraction(run.timeline, per_step=True).groupby("rank")["busy_s"].mean() * 1e3
+        )
+        peaks = peak_activations(run.timeline)
+        rows_per_micro = cfg.global_batch_size // cfg.grad_accum_steps // cfg.micro_batches
+        m = run.metrics
+        steady = m[m["step"] >= min(1, int(m["step"].max()))]
+        step_ms = steady.groupby("rank")["step_time_s"].median() * 1e3
+        for rank in bubble.index:
+            rows.append(
+                {
+                    "run": label,
+                    "schedule": cfg.strategy,
+                    "micro_batches": cfg.micro_batches,
+                    "rank": int(rank),
+                    "step_ms": float(step_ms.loc[rank]),
+                    "busy_ms": float(busy_ms.loc[rank]),
+                    "bubble": float(bubble.loc[rank, "bubble"]),
+                    "theory": float(bubble.loc[rank, "theory"]),
+                    "peak": int(peaks.loc[rank, "peak"]),
+                    "peak_sequences": int(peaks.loc[rank, "peak"]) * rows_per_micro,
+                }
+            )
+    return pd.DataFrame(rows)
