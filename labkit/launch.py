@@ -155,17 +155,21 @@ def _entry(
 
 
 def _train_worker(
-    rank: int, world_size: int, cfg: TrainConfig, device_type: str, progress: Any
-) -> dict[str, Any] | None:
-    """The per-rank body of a training run: train, then gather everything to rank 0."""
+    rank: int, world_size: int, configs: list[TrainConfig], device_type: str, progress: Any
+) -> list[dict[str, Any]] | None:
+    """The per-rank body of training runs: train each config in turn, gathering to rank 0."""
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     ctx = DistContext(rank, world_size, rank, device, dist.get_backend())
+    payloads, done = [], 0
+    for cfg in configs:
 
-    def on_step(step: int) -> None:
-        if rank == 0:
-            progress.value = step
+        def on_step(step: int, before: int = done) -> None:
+            if rank == 0:
+                progress.value = before + step
 
-    return run_rank(cfg, ctx, on_step)
+        payloads.append(run_rank(cfg, ctx, on_step))
+        done += cfg.stop_after or cfg.steps
+    return payloads if rank == 0 else None
 
 
 # ---------------------------------------------------------------------- in the parent
@@ -318,38 +322,62 @@ def spawn(
     return results
 
 
-def launch(cfg: TrainConfig) -> RunResult:
-    """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
+def run_many(
+    configs: Sequence[TrainConfig], *, progress: bool = True, desc: str | None = None
+) -> list[RunResult]:
+    """Train several multi-process configs one after another in the same worker processes.
+
+    Each result is what ``labkit.run(cfg)`` returns for that config, but the process start-up
+    (spawn, imports, rendezvous: seconds on a laptop) is paid once: notebooks that compare
+    strategies use this. All configs must share ``world_size`` and device; every config is
+    validated before a process starts.
+    """
     from tqdm.auto import tqdm
 
-    device_type, backend = resolve_device(cfg)
-    progress = mp.get_context("spawn").Value("i", 0)
+    configs = list(configs)
+    if not configs:
+        return []
+    first = configs[0]
+    devices = {resolve_device(c) for c in configs}
+    if len({c.world_size for c in configs}) > 1 or len(devices) > 1:
+        raise ValueError("run_many: all configs must share world_size, device and backend")
+    if any(c.strategy == "single" for c in configs):
+        raise ValueError("run_many runs multi-process strategies; use labkit.run for 'single'")
+    device_type, backend = devices.pop()
+    counter = mp.get_context("spawn").Value("i", 0)  # rank 0 writes its step count here
     bar = tqdm(
-        total=cfg.stop_after or cfg.steps,
-        desc=f"{cfg.strategy} x{cfg.world_size}",
-        disable=not cfg.progress,
+        total=sum(c.stop_after or c.steps for c in configs),
+        desc=desc or " + ".join(f"{c.strategy} x{c.world_size}" for c in configs),
+        disable=not progress,
         leave=False,
     )
 
     def show_progress() -> None:
-        bar.n = progress.value
+        bar.n = counter.value
         bar.refresh()
 
     try:
         results, logs = spawn_with_logs(
             _train_worker,
-            cfg.world_size,
-            (cfg, device_type, progress),
+            first.world_size,
+            (configs, device_type, counter),
             backend=backend,
-            timeout_s=cfg.timeout_s,
-            threads=threads_per_rank(cfg),
+            timeout_s=first.timeout_s,
+            threads=threads_per_rank(first),
             on_poll=show_progress,
         )
     finally:
         bar.close()
-    payload = results[0]
-    info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
-    return RunResult.from_ranks(cfg, payload, info, logs)
+    out = []
+    for cfg, payload in zip(configs, results[0], strict=True):
+        info = dict(payload["info"], backend=backend, world_size=cfg.world_size)
+        out.append(RunResult.from_ranks(cfg, payload, info, logs))
+    return out
+
+
+def launch(cfg: TrainConfig) -> RunResult:
+    """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
+    return run_many([cfg], progress=cfg.progress)[0]
 
 
 def run_single(

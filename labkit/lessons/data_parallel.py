@@ -24,7 +24,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import labkit
 from labkit.config import TrainConfig
@@ -179,33 +178,11 @@ EQUIVALENCE: dict[str, Any] = {
 }
 
 
-def _strategies_worker(
-    rank: int, world_size: int, configs: list[TrainConfig], progress: Any
-) -> list[dict[str, Any]] | None:
-    """On every rank: train each config in turn, as ``labkit.run``'s workers do."""
-    from labkit.launch import run_rank
-    from labkit.parallel.base import DistContext
-
-    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
-    payloads = []
-    done = 0
-    for cfg in configs:
-
-        def on_step(step: int, before: int = done) -> None:
-            if rank == 0:
-                progress.value = before + step
-
-        payloads.append(run_rank(cfg, ctx, on_step))
-        done += cfg.steps
-    return payloads if rank == 0 else None
-
-
 def run_strategies(
     strategies: Iterable[str],
     world_size: int = 2,
     *,
     progress: bool = True,
-    timeout_s: float = 300.0,
     **config: Any,
 ) -> dict[str, RunResult]:
     """Train each strategy on ``world_size`` CPU (Gloo) processes; ``{strategy: RunResult}``.
@@ -215,50 +192,19 @@ def run_strategies(
     ``labkit.run(strategy=..., world_size=..., **config)`` returns on CPU. The configs are
     validated before any process starts.
     """
-    from tqdm.auto import tqdm
-
-    from labkit.launch import spawn_with_logs, threads_per_rank
+    from labkit.launch import run_many
 
     configs = [
         TrainConfig(strategy=s, world_size=world_size, **{**config, "progress": False})
         for s in strategies
     ]
-    if not configs:
-        return {}
-    if configs[0].device == "cuda" or configs[0].backend == "nccl":
+    if configs and (configs[0].device == "cuda" or configs[0].backend == "nccl"):
         raise ValueError(
             "run_strategies runs on CPU processes over Gloo; for GPUs use "
             "labkit.run(strategy=..., world_size=..., device='cuda') for each strategy"
         )
-    counter = mp.get_context("spawn").Value("i", 0)  # rank 0 writes its step count here
-    bar = tqdm(
-        total=sum(c.steps for c in configs),
-        desc=" + ".join(c.strategy for c in configs),
-        disable=not progress,
-        leave=False,
-    )
-
-    def follow() -> None:  # called by the parent while it waits for the workers
-        bar.n = counter.value
-        bar.refresh()
-
-    try:
-        per_rank, logs = spawn_with_logs(
-            _strategies_worker,
-            world_size,
-            (configs, counter),
-            timeout_s=timeout_s,
-            deadline_s=timeout_s,
-            threads=threads_per_rank(configs[0]),
-            on_poll=follow,
-        )
-    finally:
-        bar.close()
-    results = {}
-    for cfg, payload in zip(configs, per_rank[0], strict=True):
-        info = dict(payload["info"], backend="gloo", world_size=world_size)
-        results[cfg.strategy] = RunResult.from_ranks(cfg, payload, info, logs)
-    return results
+    results = run_many(configs, progress=progress)
+    return {cfg.strategy: result for cfg, result in zip(configs, results, strict=True)}
 
 
 def worst_difference(reference: RunResult, others: Mapping[str, RunResult]) -> pd.Series:

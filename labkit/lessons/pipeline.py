@@ -16,13 +16,10 @@ lives here is the set-up of each demonstration, so that the notebook cells stay 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pandas as pd
-import torch
-import torch.multiprocessing as mp
 
 from labkit.config import TrainConfig
 from labkit.model import count_params
@@ -150,40 +147,10 @@ def simulate_schedule(
 # ---------------------------------------------------------------------------------------------
 
 
-def _configs_worker(
-    rank: int, world_size: int, configs: list[TrainConfig], progress: Any
-) -> list[dict[str, Any]] | None:
-    """On every rank: train each config in turn, as ``labkit.run``'s workers do."""
-    from labkit.launch import run_rank
-    from labkit.parallel.base import DistContext
-
-    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
-    payloads, done = [], 0
-    for cfg in configs:
-
-        def on_step(step: int, before: int = done) -> None:
-            if rank == 0:
-                progress.value = before + step
-
-        payloads.append(run_rank(cfg, ctx, on_step))
-        done += cfg.steps
-    return payloads if rank == 0 else None
-
-
-def _follow(counter: Any, bar: Any, stop: threading.Event) -> None:
-    """Move the progress bar to the workers' step counter until told to stop."""
-    while not stop.wait(0.1):
-        bar.n = counter.value
-        bar.refresh()
-    bar.n = counter.value
-    bar.refresh()
-
-
 def run_pipelines(
     runs: Mapping[str, Mapping[str, Any]],
     *,
     progress: bool = True,
-    timeout_s: float = 300.0,
     **common: Any,
 ) -> dict[str, RunResult]:
     """Train several configurations on the same CPU (Gloo) worker processes; ``{label: RunResult}``.
@@ -193,39 +160,15 @@ def run_pipelines(
     returns. Every configuration is validated before a process starts, and all must share one
     ``world_size``.
     """
-    from tqdm.auto import tqdm
-
-    from labkit.launch import spawn, threads_per_rank
+    from labkit.launch import run_many
 
     common = {**PIPELINE, "world_size": 2, "threads": 2, **common, "progress": False}
     configs = [TrainConfig(**{**common, **fields}) for fields in runs.values()]
-    if not configs:
-        return {}
-    sizes = {c.world_size for c in configs}
-    if len(sizes) != 1:
-        raise ValueError(f"world_size={sorted(sizes)} is invalid: the runs share one process group")
-    counter = mp.get_context("spawn").Value("i", 0)  # rank 0 writes its step count here
-    bar = tqdm(total=sum(c.steps for c in configs), desc="pipeline runs", disable=not progress)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(counter, bar, stop), daemon=True)
-    follower.start()
-    try:
-        per_rank = spawn(
-            _configs_worker,
-            configs[0].world_size,
-            (configs, counter),
-            timeout_s=timeout_s,
-            threads=threads_per_rank(configs[0]),
-        )
-    finally:
-        stop.set()
-        follower.join()
-        bar.close()
-    results = {}
-    for label, cfg, payload in zip(runs, configs, per_rank[0], strict=True):
-        info = dict(payload["info"], backend="gloo", world_size=cfg.world_size)
-        results[label] = RunResult.from_ranks(cfg, payload, info)
-    return results
+    if len({c.world_size for c in configs}) > 1:
+        sizes = sorted({c.world_size for c in configs})
+        raise ValueError(f"world_size={sizes} is invalid: the runs share one process group")
+    results = run_many(configs, progress=progress, desc="pipeline runs")
+    return dict(zip(runs, results, strict=True))
 
 
 def sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
