@@ -104,3 +104,12 @@ def test_frozen_parameter_does_not_move():
     assert not torch.equal(result.state_dict()["embed.tok.weight"], init["embed.tok.weight"])
     with pytest.raises(ValueError, match="freeze"):
         labkit.run(steps=1, freeze=("no.such.layer",), **TINY)
+
+
+def test_fp16_loss_scaling_unscales_before_clipping():
+    # The GradScaler multiplies the loss by 2**16; clipping must see the true gradient norm.
+    fp32 = labkit.run(steps=3, **TINY)
+    fp16 = labkit.run(steps=3, precision="fp16", **TINY)
+    ratio = fp16.metrics["grad_norm"] / fp32.metrics["grad_norm"]
+    assert ratio.between(0.98, 1.02).all(), ratio.tolist()
+    assert (fp16.metrics["grad_norm_clipped"] <= 1.0 + 1e-4).all()
