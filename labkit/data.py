@@ -78,7 +78,9 @@ def load_corpus(name: str = "pydoc") -> Corpus:
         raise ValueError(f"corpus={name!r} is invalid: allowed: 'pydoc', 'synthetic'")
     chars = "".join(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(chars)}
-    tokens = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    # device="cpu" explicitly: this result is cached, and must not inherit a caller's default
+    # device (a `with torch.device("meta"):` block would otherwise poison every later run).
+    tokens = torch.tensor([lookup[c] for c in text], dtype=torch.long, device="cpu")
     n_val = int(len(tokens) * VAL_FRACTION)
     return Corpus(name=name, chars=chars, train=tokens[:-n_val], val=tokens[-n_val:])
 

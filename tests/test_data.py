@@ -52,3 +52,11 @@ def test_synthetic_corpus_is_small_and_deterministic():
     a, b = load_corpus("synthetic"), load_corpus("synthetic")
     assert a.vocab_size < 40
     assert torch.equal(a.train, b.train)
+
+
+def test_corpus_cache_ignores_the_callers_default_device():
+    load_corpus.cache_clear()
+    with torch.device("meta"):
+        corpus = load_corpus("synthetic")
+    assert corpus.train.device.type == "cpu"
+    load_corpus.cache_clear()

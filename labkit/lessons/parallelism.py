@@ -230,8 +230,9 @@ def _gpt_config(model: str, vocab_size: int | None) -> Any:
 
 def _meta_gpt(model: str, vocab_size: int | None) -> GPT:
     """The GPT's structure without its memory: parameters on the "meta" device (shapes only)."""
+    cfg = _gpt_config(model, vocab_size)  # outside the meta context: it may load the corpus
     with torch.device("meta"):
-        return GPT(_gpt_config(model, vocab_size))
+        return GPT(cfg)
 
 
 def _tp_sharded(name: str) -> bool:

@@ -62,7 +62,7 @@ class Strategy:
         self.ctx = ctx
         self.timeline = Timeline(ctx.rank, enabled=cfg.timeline)
         self.clip_group: Any = None
-        self.comm_bytes = 0  # bytes this rank sent in the current step (strategies add to it)
+        self.comm_bytes = 0  # bytes this rank sent in the current step (see ring_bytes)
         self.scaler: torch.amp.GradScaler | None = None
         self.module = model.to(ctx.device)
         self.model: nn.Module = self.module
@@ -192,3 +192,22 @@ def all_reduce_sum(value: torch.Tensor, group: Any = None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+# What one rank sends in a ring implementation of each collective, per byte of the full tensor
+# (the convention of nccl-tests' "bus bandwidth"): an all-reduce is a reduce-scatter plus an
+# all-gather, each moving (N-1)/N of the tensor through every rank.
+RING_FACTORS = {
+    "allreduce": lambda n: 2 * (n - 1) / n,
+    "allgather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+}
+
+
+def ring_bytes(nbytes: int, world_size: int, collective: str) -> int:
+    """Bytes one rank sends for a ring ``collective`` over a tensor of ``nbytes`` bytes.
+
+    Every strategy counts ``comm_bytes`` this way, so the column compares across strategies and
+    with the formulas of the lessons.
+    """
+    return int(RING_FACTORS[collective](world_size) * nbytes)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.parallel.base import Strategy, all_reduce_sum
+from labkit.parallel.base import Strategy, all_reduce_sum, ring_bytes
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -332,7 +332,7 @@ class NaiveDPStrategy(DataParallelStrategy):
         """All-reduce every gradient (one ``allreduce`` span)."""
         with self.timeline.span("allreduce", step):
             self.dp.finish_grad_sync()
-        self.comm_bytes += self.dp.grad_bytes
+        self.comm_bytes += ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce")
 
 
 class BucketedDPStrategy(DataParallelStrategy):
@@ -360,7 +360,7 @@ class BucketedDPStrategy(DataParallelStrategy):
         for _, start, end in self.dp.bucket_times:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self.dp.bucket_times.clear()
-        self.comm_bytes += self.dp.grad_bytes
+        self.comm_bytes += ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce")
 
     def close(self) -> None:
         """Remove the gradient hooks."""
@@ -418,4 +418,4 @@ class DDPStrategy(DataParallelStrategy):
         for start, end in self._spans:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self._spans.clear()
-        self.comm_bytes += self._grad_bytes
+        self.comm_bytes += ring_bytes(self._grad_bytes, self.dp_size, "allreduce")

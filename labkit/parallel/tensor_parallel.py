@@ -34,7 +34,7 @@ from torch import nn
 from labkit.clip import global_grad_norm
 from labkit.data import shard_rows
 from labkit.model import MLP, Attention
-from labkit.parallel.base import Strategy
+from labkit.parallel.base import Strategy, ring_bytes
 
 # The clip methods that are exact under tensor parallelism. AGC is not: it clips each output
 # row of a weight by that row's norm, and a row-parallel weight's rows are split across ranks.
@@ -276,7 +276,7 @@ class TensorParallelStrategy(Strategy):
         if not self._recording:
             return
         nbytes = tensor.numel() * tensor.element_size()
-        self.comm_bytes += int(2 * (self.tp_size - 1) / self.tp_size * nbytes)
+        self.comm_bytes += ring_bytes(nbytes, self.tp_size, "allreduce")
         t0 = self.timeline.t0
         self.timeline.add("allreduce", self._step, -1, start - t0, end - t0)
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit.parallel.base import ring_bytes
 from labkit.parallel.data_parallel import BucketedDPStrategy, DataParallelStrategy, broadcast_module
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ class Zero1Strategy(BucketedDPStrategy):
     (ZeRO-1 shards only the optimizer state), so each rank computes the same global norm locally
     with no extra communication (``clip_group`` stays None). The parameter broadcast after the
     optimizer step appears as ``broadcast`` spans, and ``comm_bytes`` counts gradient bytes
-    all-reduced plus parameter bytes broadcast.
+    all-reduced plus parameter bytes exchanged, as a ring sends them (``ring_bytes``).
     """
 
     name = "zero1"
@@ -255,7 +256,8 @@ class Zero1Strategy(BucketedDPStrategy):
     def _exchange_span(self) -> Iterator[None]:
         with self.timeline.span("broadcast", self._step):
             yield
-        self.comm_bytes += self.optimizer.param_bytes
+        # Each rank broadcasts its shard: together an all-gather of the parameters.
+        self.comm_bytes += ring_bytes(self.optimizer.param_bytes, self.dp_size, "allgather")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ class FSDPStrategy(DataParallelStrategy):
       (``torch.distributed.checkpoint.state_dict``); checkpoints hold each rank's local shards.
     * ``comm_bytes`` is computed from the sharding plan (FSDP's collectives are internal): per
       micro-batch an all-gather of every parameter for forward and of the blocks' for backward
-      (the root keeps its parameters until backward), plus one reduce-scatter of the gradients.
+      (the root keeps its parameters until backward), plus one reduce-scatter of the gradients,
+      each counted as a ring sends it (``ring_bytes``).
     """
 
     name = "fsdp"
@@ -319,7 +322,11 @@ class FSDPStrategy(DataParallelStrategy):
 
     def finish_grad_sync(self, step: int) -> None:
         """FSDP reduce-scattered during backward; count the bytes of the plan."""
-        self.comm_bytes += self.cfg.grad_accum_steps * self._gather_bytes + self._scatter_bytes
+        n = self.dp_size
+        gather = ring_bytes(self._gather_bytes, n, "allgather")
+        self.comm_bytes += self.cfg.grad_accum_steps * gather + ring_bytes(
+            self._scatter_bytes, n, "reduce_scatter"
+        )
 
     def _local_pieces(self) -> list[torch.Tensor]:
         """This rank's shards as plain tensors whose ``.grad`` is its gradient shard.
