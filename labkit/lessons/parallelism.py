@@ -25,7 +25,6 @@ ring collectives. A ring all-reduce of S bytes over N ranks makes every rank sen
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -548,15 +547,6 @@ def _strategies_worker(
     return out
 
 
-def _follow(counter: Any, bar: Any, stop: threading.Event) -> None:
-    """Move the progress bar along with the workers' step counter until told to stop."""
-    while not stop.wait(0.1):
-        bar.n = counter.value
-        bar.refresh()
-    bar.n = counter.value
-    bar.refresh()
-
-
 def measure_strategies(
     strategies: tuple[str, ...] = STRATEGIES,
     model: str = "micro",
@@ -580,7 +570,7 @@ def measure_strategies(
     """
     from tqdm.auto import tqdm
 
-    from labkit.launch import spawn
+    from labkit.launch import spawn_with_logs
 
     base = dict(
         model=model,
@@ -602,16 +592,22 @@ def measure_strategies(
     bar = tqdm(
         total=steps * len(configs), desc=" + ".join(strategies), disable=not progress, leave=False
     )
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(counter, bar, stop), daemon=True)
-    follower.start()
+
+    def show_progress() -> None:  # the parent calls it while it watches the workers
+        bar.n = counter.value
+        bar.refresh()
+
     try:
-        per_rank = spawn(
-            _strategies_worker, world_size, (configs, counter), timeout_s=timeout_s, threads=1
+        per_rank, _ = spawn_with_logs(
+            _strategies_worker,
+            world_size,
+            (configs, counter),
+            timeout_s=timeout_s,
+            deadline_s=timeout_s,
+            threads=1,
+            on_poll=show_progress,
         )
     finally:
-        stop.set()
-        follower.join()
         bar.close()
     frame = pd.DataFrame([row for rows in per_rank for row in rows])
     frame["total_bytes"] = frame[["params_bytes", "grads_bytes", "optimizer_bytes"]].sum(axis=1)
