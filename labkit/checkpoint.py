@@ -1,9 +1,24 @@
-"""Checkpoints: one file per rank per step, written atomically, plus a ``latest.json`` pointer.
+"""Checkpoints: one file per rank per step, written atomically, owned by one run.
 
-Atomic means: write to a temporary file in the same directory, flush it to disk, then
-``os.replace`` it over the final name. A crash mid-write leaves the previous checkpoint intact;
-a reader never sees half a file. ``latest.json`` is written last (after every rank's file is on
-disk), so it only ever points at a complete checkpoint.
+Layout of ``checkpoint_dir``::
+
+    step-0000004/rank0.pt, rank1.pt, ...   each rank's state after 4 optimizer steps
+    step-0000004/meta.json                 written last, after every rank's file: "complete"
+    latest.json                            points at the newest complete checkpoint
+
+Atomic means: write to a temporary file in the same directory, flush it to disk, ``os.replace`` it
+over the final name, then fsync the directory so the rename itself survives a power cut. A crash
+mid-write leaves the previous checkpoint intact; a reader never sees half a file.
+
+A directory belongs to one run. ``meta.json`` and ``latest.json`` carry a ``run_id``; a run that
+resumes adopts the id it finds, any other run is refused (``preflight``) unless it asked to
+``overwrite``. Pruning only removes complete checkpoints of the current run, oldest first, after a
+newer one is complete, so two runs can never delete each other's files.
+
+Files are read with ``torch.load(weights_only=True)``: a checkpoint is tensors and plain values,
+never code, so a crafted file cannot run anything when a user resumes from it. A file that does
+not load (truncated, garbage, or asking for code) makes the loader fall back to the previous
+complete checkpoint, with a warning naming the bad file.
 """
 
 from __future__ import annotations
@@ -12,6 +27,8 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +49,24 @@ STRUCTURAL_FIELDS = (
 )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be used as asked (another run's, or nothing loadable)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk (POSIX; a no-op elsewhere).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,11 +80,17 @@ def _atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
+    """``torch.save`` to ``path`` atomically (temp file, fsync, rename, fsync of the directory)."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    data = json.dumps(obj, indent=1, default=str).encode()
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -62,22 +103,69 @@ def rank_file(root: str | os.PathLike, step: int, rank: int) -> Path:
     return step_dir(root, step) / f"rank{rank}.pt"
 
 
-def write_latest(root: str | os.PathLike, step: int, config: dict[str, Any]) -> None:
-    """Point ``latest.json`` at the checkpoint of ``step`` and prune old ones (rank 0 only)."""
-    meta = {"step": step, "config": config}
-    data = json.dumps(meta, indent=1, default=str).encode()
-    _atomic_write(Path(root) / "latest.json", lambda f: f.write(data))
-    steps = sorted(int(p.name.split("-")[1]) for p in Path(root).glob("step-*") if p.is_dir())
-    for old in steps[:-KEEP]:
+def new_run_id() -> str:
+    """A fresh identity for a run's checkpoints."""
+    return uuid.uuid4().hex
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None if missing or not a readable JSON object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("step"), int) else None
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Metadata of every complete checkpoint in ``root`` (those with a ``meta.json``), by step."""
+    found = []
+    for path in Path(root).glob("step-*"):
+        meta = _read_json(path / "meta.json") if path.is_dir() else None
+        if meta is not None:
+            found.append(meta)
+    return sorted(found, key=lambda m: m["step"])
+
+
+def holds_checkpoints(root: str | os.PathLike) -> bool:
+    """True when ``root`` holds any checkpoint file or pointer (complete or not)."""
+    path = Path(root)
+    return path.is_dir() and (
+        (path / "latest.json").exists() or any(p.is_dir() for p in path.glob("step-*"))
+    )
+
+
+def write_latest(
+    root: str | os.PathLike, step: int, config: dict[str, Any], run_id: str | None = None
+) -> None:
+    """Mark the checkpoint of ``step`` complete, point ``latest.json`` at it, prune (rank 0 only).
+
+    Call after every rank's file of ``step`` is on disk.
+    """
+    meta = {"step": step, "run_id": run_id, "config": config}
+    _write_json(step_dir(root, step) / "meta.json", meta)
+    _write_json(Path(root) / "latest.json", meta)
+    mine = [m["step"] for m in complete_checkpoints(root) if m.get("run_id") == run_id]
+    for old in [s for s in mine if s < step][: max(0, len(mine) - KEEP)]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    _fsync_dir(Path(root))
 
 
 def read_latest(root: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``latest.json`` metadata (step and config), or None when there is no checkpoint."""
+    """The metadata (step, run_id, config) of the newest complete checkpoint, or None.
+
+    ``latest.json`` when it is readable; otherwise (deleted, malformed) the newest step directory
+    with a ``meta.json``, with a warning.
+    """
     path = Path(root) / "latest.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    meta = _read_json(path)
+    if meta is not None:
+        return meta
+    found = complete_checkpoints(root)
+    if path.exists():
+        fallback = f"using step {found[-1]['step']}" if found else "no complete checkpoint found"
+        warnings.warn(f"{path} is not a valid checkpoint pointer; {fallback}", stacklevel=2)
+    return found[-1] if found else None
 
 
 def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | None:
@@ -89,7 +177,7 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
     meta = read_latest(root)
     if meta is None:
         return None
-    saved = meta["config"]
+    saved = meta.get("config") or {}
     for name in STRUCTURAL_FIELDS:
         a, b = saved.get(name), config.get(name)
         if isinstance(b, tuple):
@@ -107,6 +195,82 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
     return step
 
 
+def preflight(root: str | os.PathLike | None, *, resume: bool, overwrite: bool) -> None:
+    """Check ``checkpoint_dir`` before launch: writable, and not another run's (unless asked).
+
+    - not resuming into a directory that holds checkpoints: CheckpointError, unless
+      ``overwrite``, in which case the old checkpoints are removed now (the user chose so);
+    - resuming from a missing or empty directory: a warning (the run starts at step 0);
+    - a path that is a file, or a directory this process cannot write: ValueError.
+    """
+    if root is None:
+        return
+    path = Path(root)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"TrainConfig.checkpoint_dir={str(root)!r} is a file, not a directory")
+    if holds_checkpoints(path) and not resume:
+        if not overwrite:
+            raise CheckpointError(
+                f"TrainConfig.checkpoint_dir={str(root)!r} holds the checkpoints of another run; "
+                "pass resume=True to continue it, overwrite=True to replace it, or choose "
+                "another checkpoint_dir"
+            )
+        for old in path.glob("step-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (path / "latest.json").unlink(missing_ok=True)
+    if resume and not complete_checkpoints(path) and _read_json(path / "latest.json") is None:
+        warnings.warn(
+            f"TrainConfig.resume: {str(root)!r} holds no checkpoint; the run starts from step 0",
+            stacklevel=3,
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"TrainConfig.checkpoint_dir={str(root)!r} is not a writable directory: "
+            f"{err.strerror or err}"
+        ) from None
+
+
+def _load(path: Path) -> dict[str, Any]:
+    # weights_only: tensors, containers and numbers only; a pickled callable is refused.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def loadable_step(root: str | os.PathLike, world_size: int, newest: int) -> int | None:
+    """The newest complete step at or below ``newest`` whose every rank file loads; None if none.
+
+    Each skipped checkpoint gets a warning naming the file that failed and why.
+    """
+    steps = sorted(
+        (m["step"] for m in complete_checkpoints(root) if m["step"] <= newest), reverse=True
+    )
+    if newest not in steps and step_dir(root, newest).is_dir():
+        steps.insert(0, newest)  # an old-format checkpoint: latest.json only, no meta.json
+    for step in steps:
+        bad = None
+        for rank in range(world_size):
+            path = rank_file(root, step, rank)
+            try:
+                _load(path)
+            except Exception as err:  # noqa: BLE001 (any unreadable file means: fall back)
+                bad = f"{path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                break
+        if bad is None:
+            return step
+        warnings.warn(
+            f"checkpoint of step {step} cannot be loaded ({bad}); trying an older one",
+            stacklevel=2,
+        )
+    return None
+
+
 def load_rank(root: str | os.PathLike, step: int, rank: int) -> dict[str, Any]:
-    """Load one rank's state from the checkpoint of ``step``."""
-    return torch.load(rank_file(root, step, rank), map_location="cpu", weights_only=False)
+    """Load one rank's state from the checkpoint of ``step`` (tensors and plain values only)."""
+    path = rank_file(root, step, rank)
+    try:
+        return _load(path)
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint file {path}: {err}") from err

@@ -129,10 +129,12 @@ def _under_torchrun() -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from labkit.launch import WorkerError, run, run_under_torchrun
+    from labkit.preflight import check_output_file
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        check_output_file(args.csv, "--csv")  # before training, not after it
         if _under_torchrun():
             result = run_under_torchrun(cfg)
             if result is None:  # not global rank 0: rank 0 reports
@@ -147,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     result.to_csv(args.csv)
     with_pd_options(lambda: print(result.summary().to_string(float_format=lambda v: f"{v:.4g}")))
+    cfg = result.config  # under torchrun: the world size torchrun actually started
     first, last = result.losses.iloc[0], result.losses.iloc[-1]
     val = result.metrics[result.metrics["rank"] == 0].dropna(subset=["val_loss"])
     val_text = " -> ".join(f"{v:.3f} (step {s + 1})" for s, v in zip(val.step, val.val_loss))

@@ -264,7 +264,12 @@ def clip_grad_norm_(
 
     Returns:
         The global norm *before* clipping, a 0-d tensor (the same on every rank of ``group``).
+
+    Raises:
+        ValueError: ``max_norm`` is not a number > 0 (torch would silently zero every gradient
+            for 0 and flip them for a negative threshold).
     """
+    _require("max_norm", max_norm, _is_number(max_norm) and max_norm > 0, "a number > 0")
     grads = _Grads(parameters, foreach)
     total_norm = _total_norm(grads, norm_type, group)
     if error_if_nonfinite:
@@ -280,7 +285,11 @@ def clip_grad_norm_(
 
 @torch.no_grad()
 def clip_grad_value_(parameters: Params, clip_value: float, foreach: bool | None = None) -> None:
-    """Clamp every gradient element into ``[-clip_value, clip_value]`` in place (as torch does)."""
+    """Clamp every gradient element into ``[-clip_value, clip_value]`` in place (as torch does).
+
+    Raises ValueError unless ``clip_value`` is a number > 0.
+    """
+    _require("clip_value", clip_value, _is_number(clip_value) and clip_value > 0, "a number > 0")
     clip_value = float(clip_value)
     for _, tensors, use_foreach in _Grads(parameters, foreach).groups:
         if use_foreach:

@@ -3,13 +3,16 @@
 A config is plain data (a dataclass) so it pickles to worker processes, prints in a notebook and
 maps one-to-one onto the command line flags of ``labkit train``. ``__post_init__`` validates every
 field and raises ``ValueError`` naming the field, the value and what is allowed: a typo must fail
-in the notebook cell, not three minutes later inside rank 1.
+in the notebook cell, not three minutes later inside rank 1. A config is frozen: change one with
+``cfg.replace(steps=10)`` (validated again), never by assignment, so a validated config stays valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +60,20 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-@dataclass
+# Largest seed: torch.manual_seed takes a 64-bit value; stay in the signed range every RNG accepts.
+MAX_SEED = 2**63 - 1
+# Keyword arguments of get_schedule that a TrainConfig field already sets (see schedule_args).
+SCHEDULE_FIELDS = {
+    "peak_lr": "lr",
+    "total_steps": "steps",
+    "warmup_steps": "warmup_steps",
+    "warmup": "warmup",
+    "min_lr": "min_lr",
+    "beta2": "beta2",
+}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. Construct with keywords; invalid values raise ValueError.
 
@@ -117,6 +133,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace another run's checkpoints in checkpoint_dir (not resuming)
     stop_after: int | None = None
     progress: bool = True
     timeline: bool = True
@@ -125,10 +142,18 @@ class TrainConfig:
     fault: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.freeze, str):
-            self.freeze = (self.freeze,) if self.freeze else ()
-        self.freeze = tuple(self.freeze)
-        self.schedule_kwargs = dict(self.schedule_kwargs or {})
+        # Normalise a few convenient spellings (frozen: object.__setattr__ is the only way in).
+        freeze = self.freeze
+        if isinstance(freeze, str):
+            freeze = (freeze,) if freeze else ()
+        if not isinstance(freeze, (tuple, list)):
+            _fail("freeze", freeze, "must be a tuple of parameter-name prefixes")
+        object.__setattr__(self, "freeze", tuple(freeze))
+        if not isinstance(self.schedule_kwargs, dict) and self.schedule_kwargs is not None:
+            _fail("schedule_kwargs", self.schedule_kwargs, "must be a dict of keyword arguments")
+        object.__setattr__(self, "schedule_kwargs", dict(self.schedule_kwargs or {}))
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -156,6 +181,8 @@ class TrainConfig:
             self._check_int(name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             self._check_int(name, minimum=0)
+        if self.seed > MAX_SEED:
+            _fail("seed", self.seed, f"must be at most 2**63 - 1 = {MAX_SEED}")
         self._check_int("eval_batches", minimum=1)
         self._check_int("zclip_warmup_steps", minimum=1)
         if self.block_size is not None:
@@ -188,11 +215,17 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
         if self.warmup_steps > self.steps:
             _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
-        for name in ("resume", "progress", "timeline", "layer_norms"):
+        for name in ("resume", "overwrite", "progress", "timeline", "layer_norms"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
+        if self.checkpoint_dir is not None and (
+            not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip()
+        ):
+            _fail("checkpoint_dir", self.checkpoint_dir, "must be a directory path (a string)")
         if self.resume and not self.checkpoint_dir:
             _fail("resume", self.resume, "needs checkpoint_dir to resume from")
+        if self.resume and self.overwrite:
+            _fail("overwrite", self.overwrite, "cannot be combined with resume=True")
         if self.checkpoint_every and not self.checkpoint_dir:
             _fail("checkpoint_every", self.checkpoint_every, "needs checkpoint_dir to write to")
         if not all(isinstance(f, str) and f for f in self.freeze):
@@ -295,6 +328,17 @@ class TrainConfig:
             )
 
     def _validate_schedule(self) -> None:
+        for key in self.schedule_kwargs:
+            if not isinstance(key, str):
+                _fail("schedule_kwargs", self.schedule_kwargs, "keys must be argument names")
+            if key in SCHEDULE_FIELDS:
+                owner = SCHEDULE_FIELDS[key]
+                _fail(
+                    "schedule_kwargs",
+                    self.schedule_kwargs,
+                    f"{key!r} is set by TrainConfig.{owner} (={getattr(self, owner)!r}); "
+                    f"set {owner} instead",
+                )
         try:
             from labkit.schedules import validate_schedule_args
         except ImportError:  # the schedules module is optional while the package is assembled
@@ -355,13 +399,44 @@ class TrainConfig:
         return self.world_size if self.strategy in DATA_PARALLEL_STRATEGIES else 1
 
 
-def make_config(config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
-    """``config`` with ``overrides`` applied, or a fresh config from the overrides."""
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+def _check_known(names: Any) -> None:
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(
             f"unknown TrainConfig field(s): {', '.join(unknown)}; see labkit.TrainConfig for the list"
         )
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    # The generated __init__ raises TypeError for a misspelt keyword; a config error is a
+    # ValueError everywhere (TrainConfig(...), labkit.run(...), the CLI), so say it the same way.
+    if args:
+        raise ValueError(
+            f"TrainConfig takes keyword arguments only (got {len(args)} positional: "
+            f"{args[0]!r}...); for example TrainConfig(model='nano', steps=10)"
+        )
+    _check_known(kwargs)
+    _dataclass_init(self, **kwargs)
+
+
+_init.__doc__ = _dataclass_init.__doc__
+_init.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+TrainConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def make_config(config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """``config`` with ``overrides`` applied, or a fresh config from the overrides."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ValueError(
+            f"labkit.run's first argument must be a TrainConfig, got {config!r}; pass fields "
+            f"as keywords, for example labkit.run(model={config!r})"
+            if isinstance(config, str)
+            else f"labkit.run's first argument must be a TrainConfig, got {type(config).__name__}"
+        )
+    _check_known(overrides)
     if config is None:
         return TrainConfig(**overrides)
     return config.replace(**overrides) if overrides else config

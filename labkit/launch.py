@@ -4,9 +4,10 @@ From a notebook cell or the command line, ``run(strategy="ddp", world_size=2)`` 
 processes with ``torch.multiprocessing``'s *spawn* method. The worker entry (``_worker``) lives in
 this importable module, so nothing defined in a notebook has to be pickled.
 
-Rendezvous goes through a ``TCPStore`` that this (parent) process opens on port 0: the operating
-system picks a free port, and the store holds it for the whole run, so two runs at once can never
-collide on a port. Workers connect to it as clients and build their process group on it.
+Rendezvous goes through a ``FileStore`` in a private temporary directory of the run (mode 0700),
+not a TCP port: nothing of a local run listens on the network, two runs at once can never collide,
+and no other user can join or disturb one. Gloo's own connections between the ranks are pinned to
+the loopback interface. (Under ``torchrun`` the user's rendezvous choice stands.)
 
 The parent watches its children. If one raises, it writes its traceback to a file and exits; if
 one is killed, its exit code says by which signal. Either way the parent stops the other ranks
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -39,9 +41,11 @@ import torch.multiprocessing as mp
 from labkit import checkpoint as ckpt
 from labkit.config import TrainConfig, make_config
 from labkit.parallel.base import DistContext
+from labkit.preflight import preflight
 from labkit.result import RunResult
 from labkit.train import Trainer, shared_clock, train
 
+LOOPBACK = "lo0" if sys.platform == "darwin" else "lo"  # the loopback interface's name
 POLL_S = 0.05  # how often the parent looks at its children
 GRACE_S = 1.0  # after a failure, how long peers get to report their own errors before being killed
 
@@ -113,7 +117,7 @@ def _entry(
     world_size: int,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
-    port: int,
+    store_path: str,
     outdir: str,
     backend: str,
     timeout_s: float,
@@ -121,6 +125,8 @@ def _entry(
 ) -> None:
     """A spawned worker: join the process group, run ``fn``, hand its result back in a file."""
     _die_with_parent()
+    # Local ranks talk over loopback only: Gloo would otherwise bind to the host name's address.
+    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK
     out = Path(outdir)
     log = open(out / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
     os.dup2(log.fileno(), 1)
@@ -129,7 +135,8 @@ def _entry(
     torch.set_num_threads(threads)
     try:
         timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        store = dist.FileStore(store_path, world_size)
+        store.set_timeout(timeout)
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
@@ -230,15 +237,7 @@ def spawn_with_logs(
 ) -> tuple[list[Any], dict[int, str]]:
     """``spawn``, also returning each rank's log (its stdout and stderr)."""
     per_rank_threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    store = dist.TCPStore(  # port 0: the OS picks a free port, held for the whole run
-        "127.0.0.1",
-        0,
-        world_size,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))
+    outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))  # mode 0700: this user's only
     context = mp.get_context("spawn")
     procs = [
         context.Process(
@@ -248,7 +247,7 @@ def spawn_with_logs(
                 world_size,
                 fn,
                 tuple(args),
-                store.port,
+                str(outdir / "store"),
                 str(outdir),
                 backend,
                 timeout_s,
@@ -283,6 +282,7 @@ def spawn_with_logs(
         missing = [r for r in range(world_size) if not (outdir / f"rank{r}.pt").exists()]
         if missing:
             raise WorkerError(missing[0], "finished without writing its result")
+        # Our own workers' results, from our private directory: arbitrary objects are expected.
         results = [
             torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)
         ]
@@ -332,18 +332,31 @@ def run_many(
     strategies use this. All configs must share ``world_size`` and device; every config is
     validated before a process starts.
     """
-    from tqdm.auto import tqdm
-
     configs = list(configs)
     if not configs:
         return []
-    first = configs[0]
     devices = {resolve_device(c) for c in configs}
     if len({c.world_size for c in configs}) > 1 or len(devices) > 1:
         raise ValueError("run_many: all configs must share world_size, device and backend")
     if any(c.strategy == "single" for c in configs):
         raise ValueError("run_many runs multi-process strategies; use labkit.run for 'single'")
-    device_type, backend = devices.pop()
+    for cfg in configs:
+        preflight(cfg)
+    return _launch_many(configs, devices.pop(), progress=progress, desc=desc)
+
+
+def _launch_many(
+    configs: list[TrainConfig],
+    device: tuple[str, str],
+    *,
+    progress: bool,
+    desc: str | None = None,
+) -> list[RunResult]:
+    """``run_many`` after its checks: start the workers, show progress, gather the results."""
+    from tqdm.auto import tqdm
+
+    first = configs[0]
+    device_type, backend = device
     counter = mp.get_context("spawn").Value("i", 0)  # rank 0 writes its step count here
     bar = tqdm(
         total=sum(c.stop_after or c.steps for c in configs),
@@ -377,7 +390,7 @@ def run_many(
 
 def launch(cfg: TrainConfig) -> RunResult:
     """Run ``cfg`` on ``cfg.world_size`` spawned worker processes and gather a RunResult."""
-    return run_many([cfg], progress=cfg.progress)[0]
+    return _launch_many([cfg], resolve_device(cfg), progress=cfg.progress)[0]
 
 
 def run_single(
@@ -429,12 +442,23 @@ def run(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     """
     cfg = make_config(config, **overrides)
     resolve_device(cfg)  # raises on an impossible device request before anything starts
-    if cfg.resume:
-        ckpt.check_compatible(cfg.checkpoint_dir, cfg.to_dict())
+    preflight(cfg)
     t_start = time.perf_counter()
     result = run_single(cfg) if cfg.strategy == "single" else launch(cfg)
     result.info["wall_s"] = time.perf_counter() - t_start
+    warn_if_nothing_trained(result)
     return result
+
+
+def warn_if_nothing_trained(result: RunResult) -> None:
+    """A run whose every step was skipped for non-finite gradients did not train: say so."""
+    skipped, ran = result.info.get("skipped_steps", 0), result.metrics["step"].nunique()
+    if ran and skipped >= ran:
+        warnings.warn(
+            f"every one of the {ran} steps was skipped for a non-finite gradient norm: the model "
+            "did not train (lower lr, turn on clipping, or use nonfinite='raise' to stop at once)",
+            stacklevel=3,
+        )
 
 
 def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
@@ -447,6 +471,8 @@ def run_under_torchrun(cfg: TrainConfig) -> RunResult | None:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != cfg.world_size:
         cfg = cfg.replace(world_size=world)
+    if rank == 0:  # one rank checks the shared paths; a failure here stops the whole job
+        preflight(cfg)
     device_type, backend = resolve_device(cfg)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -127,6 +127,7 @@ class Trainer:
         )
         self.step = 0
         self.skipped = 0
+        self.run_id: str | None = None  # identity of this run's checkpoints (rank 0 sets it)
         self.metrics: list[dict[str, Any]] = []
         self.layer_norms: list[tuple[int, int, str, float]] = []
         self.flops_per_token = flops_per_token(self.model_cfg)
@@ -147,14 +148,35 @@ class Trainer:
             "metrics": self.metrics,
         }
         ckpt.save_atomic(state, ckpt.rank_file(root, self.step, self.ctx.rank))
-        self.ctx.barrier()  # every rank's file is on disk before latest.json names the step
+        self.ctx.barrier()  # every rank's file is on disk before meta.json marks it complete
         if self.ctx.rank == 0:
-            ckpt.write_latest(root, self.step, self.cfg.to_dict())
+            if self.run_id is None:
+                self.run_id = ckpt.new_run_id()
+            ckpt.write_latest(root, self.step, self.cfg.to_dict(), self.run_id)
         self.ctx.barrier()
+
+    def _resume_point(self) -> tuple[int | None, str | None]:
+        """(step, run_id) to resume from, decided by rank 0 and shared with every rank."""
+        choice: list[Any] = [None, None]
+        if self.ctx.rank == 0:
+            root = self.cfg.checkpoint_dir
+            newest = ckpt.check_compatible(root, self.cfg.to_dict())
+            if newest is not None:
+                step = ckpt.loadable_step(root, self.ctx.world_size, newest)
+                if step is None:
+                    raise ckpt.CheckpointError(
+                        f"TrainConfig.resume: no checkpoint in {root} can be loaded (see the "
+                        "warnings); resume=False with overwrite=True starts a fresh run there"
+                    )
+                meta = ckpt.read_latest(root) or {}
+                choice = [step, meta.get("run_id")]
+        if self.ctx.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0], choice[1]
 
     def load_checkpoint(self) -> bool:
         """Resume from ``cfg.checkpoint_dir`` if it holds a checkpoint; True if one was loaded."""
-        step = ckpt.check_compatible(self.cfg.checkpoint_dir, self.cfg.to_dict())
+        step, self.run_id = self._resume_point()
         if step is None:
             return False
         state = ckpt.load_rank(self.cfg.checkpoint_dir, step, self.ctx.rank)
