@@ -30,7 +30,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -570,7 +569,7 @@ def measure_strategies(
     """
     from tqdm.auto import tqdm
 
-    from labkit.launch import spawn_with_logs
+    from labkit.supervisor import Counter, spawn_with_logs
 
     base = dict(
         model=model,
@@ -588,7 +587,7 @@ def measure_strategies(
         )
         for s in strategies
     ]
-    counter = mp.get_context("spawn").Value("i", 0)
+    counter = Counter()
     bar = tqdm(
         total=steps * len(configs), desc=" + ".join(strategies), disable=not progress, leave=False
     )

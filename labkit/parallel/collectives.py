@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from labkit.launch import spawn
+from labkit.supervisor import spawn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -201,7 +201,7 @@ def allreduce_benchmark(
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Running a function on N processes, from a notebook (labkit.launch.spawn)
+# 3. Running a function on N processes, from a notebook (labkit.supervisor.spawn)
 # ---------------------------------------------------------------------------------------------
 
 
