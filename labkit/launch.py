@@ -22,6 +22,7 @@ import torch.distributed as dist
 from labkit.config import TrainConfig, make_config
 from labkit.parallel.base import DistContext
 from labkit.preflight import preflight
+from labkit.progress import Progress
 from labkit.result import RunResult
 from labkit.supervisor import Counter, WorkerError, spawn, spawn_with_logs
 from labkit.train import Trainer, shared_clock, train
@@ -129,21 +130,17 @@ def _launch_many(
     desc: str | None = None,
 ) -> list[RunResult]:
     """``run_many`` after its checks: start the workers, show progress, gather the results."""
-    from tqdm.auto import tqdm
-
     first = configs[0]
     device_type, backend = device
     counter = Counter()  # rank 0 writes its step count here
-    bar = tqdm(
-        total=sum(c.stop_after or c.steps for c in configs),
-        desc=desc or " + ".join(f"{c.strategy} x{c.world_size}" for c in configs),
+    bar = Progress(
+        sum(c.stop_after or c.steps for c in configs),
+        desc or " + ".join(f"{c.strategy} x{c.world_size}" for c in configs),
         disable=not progress,
-        leave=False,
     )
 
     def show_progress() -> None:
-        bar.n = counter.value
-        bar.refresh()
+        bar.update_to(counter.value)
 
     try:
         results, logs = spawn_with_logs(
@@ -177,22 +174,17 @@ def run_single(
     ``on_step(step, metrics)`` is called after every optimizer step with the rows so far (a live
     plot uses it).
     """
-    from tqdm.auto import tqdm
-
     device_type, _ = resolve_device(cfg)
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bar = tqdm(
-        total=cfg.stop_after or cfg.steps, desc="single", disable=not cfg.progress, leave=False
-    )
+    bar = Progress(cfg.stop_after or cfg.steps, "single", disable=not cfg.progress)
     t_start = time.perf_counter()
     try:
         trainer = Trainer(cfg, DistContext(device=torch.device(device_type)))
 
         def step_done(step: int) -> None:
-            bar.n = step
-            bar.refresh()
+            bar.update_to(step)
             if on_step is not None:
                 on_step(step, trainer.metrics)
 

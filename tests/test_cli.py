@@ -53,3 +53,18 @@ def test_help_shows_defaults(tmp_path):
     proc = _labkit("train", "--help", cwd=tmp_path)
     assert proc.returncode == 0
     assert "--global-batch-size" in proc.stdout and "(default: 16)" in proc.stdout
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
+    # CI logs and pipes: no carriage-return frames, just a line now and then and one at the end.
+    proc = subprocess.run(
+        [sys.executable, "-m", "labkit", "train", "--model", "nano", "--steps", "40"]
+        + ["--global-batch-size", "4", "--csv", str(tmp_path / "m.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("single:")]
+    assert lines and lines[-1].startswith("single: 40/40 steps"), proc.stderr
