@@ -24,11 +24,21 @@ from labkit.parallel.base import DistContext
 from labkit.preflight import preflight
 from labkit.progress import Progress
 from labkit.result import RunResult
-from labkit.supervisor import Counter, WorkerError, spawn, spawn_with_logs
+from labkit.supervisor import (
+    Counter,
+    WorkerError,
+    close_pool,
+    keep_workers,
+    run_on_workers,
+    spawn,
+    spawn_with_logs,
+)
 from labkit.train import Trainer, shared_clock, train
 
 __all__ = [
     "WorkerError",
+    "close_pool",
+    "keep_workers",
     "launch",
     "resolve_device",
     "run",
@@ -143,7 +153,7 @@ def _launch_many(
         bar.update_to(counter.value)
 
     try:
-        results, logs = spawn_with_logs(
+        results, logs = run_on_workers(
             _train_worker,
             first.world_size,
             (configs, device_type, counter),

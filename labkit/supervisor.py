@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -115,18 +116,22 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(job_dir: str, rank: int) -> None:
-    """A worker: join the process group, run the job's function, hand its result back in a file."""
+    """A worker: join the process group, then run job after job, each result handed back in a file.
+
+    Jobs are files ``job-1.pkl``, ``job-2.pkl``, ... written by the parent; a one-shot run has one
+    and the worker exits after it, a warm pool's workers wait for the next.
+    """
     out = Path(job_dir)
     job = json.loads((out / "job.json").read_text())
     _die_with_parent(job["parent"])
     # Local ranks talk over loopback only: Gloo would otherwise bind to the host name's address.
     os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK
     try:
+        import random
+
         import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(job["threads"])
-        fn, args = pickle.loads((out / "job.pkl").read_bytes())
         timeout = timedelta(seconds=job["timeout_s"])
         store = dist.FileStore(str(out / "store"), job["world_size"])
         store.set_timeout(timeout)
@@ -135,10 +140,23 @@ def _worker_main(job_dir: str, rank: int) -> None:
         dist.init_process_group(
             job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout
         )
-        result = fn(rank, job["world_size"], *args)
-        tmp = out / f".rank{rank}.pt.tmp"
-        torch.save(result, tmp)
-        os.replace(tmp, out / f"rank{rank}.pt")
+        n = 0
+        while job["jobs"] is None or n < job["jobs"]:
+            n += 1
+            path = out / f"job-{n}.pkl"
+            while not path.exists():  # a warm pool's idle wait
+                if os.getppid() != job["parent"]:
+                    os._exit(1)
+                time.sleep(0.01)
+            fn, args = pickle.loads(path.read_bytes())
+            # Every job starts from the same process state, pooled or fresh.
+            torch.set_num_threads(job["threads"])
+            torch.manual_seed(0)
+            random.seed(0)
+            result = fn(rank, job["world_size"], *args)
+            tmp = out / f".rank{rank}.{n}.pt.tmp"
+            torch.save(result, tmp)
+            os.replace(tmp, out / f"rank{rank}.{n}.pt")
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 (every failure must reach the parent)
         record = {
@@ -240,6 +258,96 @@ def _start(rank: int, outdir: Path) -> subprocess.Popen:
     return proc
 
 
+class _Workers:
+    """``world_size`` worker processes in one process group, ready to run jobs.
+
+    ``jobs=1``: a one-shot run (the workers exit after it); ``jobs=None``: a warm pool.
+    """
+
+    def __init__(
+        self, world_size: int, backend: str, timeout_s: float, threads: int, jobs: int | None
+    ) -> None:
+        self.key = (world_size, backend, timeout_s, threads)
+        self.world_size, self.n = world_size, 0
+        self.outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))  # mode 0700: this user's only
+        job = {
+            "parent": os.getpid(),
+            "world_size": world_size,
+            "backend": backend,
+            "timeout_s": timeout_s,
+            "threads": threads,
+            "jobs": jobs,
+        }
+        (self.outdir / "job.json").write_text(json.dumps(job))
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self.procs = [_start(r, self.outdir) for r in range(world_size)]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, by rank."""
+        return [p.pid for p in self.procs]
+
+    def alive(self) -> bool:
+        """True while every worker is running (a warm pool waiting for its next job)."""
+        return all(p.poll() is None for p in self.procs)
+
+    def _log(self, rank: int) -> Path:
+        return self.outdir / f"rank{rank}.log"
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        *,
+        deadline_s: float | None = None,
+        on_poll: Callable[[], None] | None = None,
+    ) -> tuple[list[Any], dict[int, str]]:
+        """Run ``fn(rank, world_size, *args)`` on every worker; their results and new log lines."""
+        self.n += 1
+        n, ranks = self.n, range(self.world_size)
+        offsets = {r: len(_read(self._log(r))) for r in ranks}
+        tmp = self.outdir / f".job-{n}.pkl"
+        tmp.write_bytes(pickle.dumps((fn, tuple(args))))
+        os.replace(tmp, self.outdir / f"job-{n}.pkl")  # workers never see half a job
+        results_at = [self.outdir / f"rank{r}.{n}.pt" for r in ranks]
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        while not all(path.exists() for path in results_at):
+            if on_poll is not None:
+                on_poll()
+            codes = [p.poll() for p in self.procs]
+            if any(c not in (None, 0) for c in codes):
+                # Give the peers a moment to record their own errors, then find the first cause.
+                time.sleep(GRACE_S)
+                for p in self.procs:
+                    p.poll()
+                raise _root_cause(self.procs, self.outdir)
+            if all(c == 0 for c in codes) and not all(p.exists() for p in results_at):
+                missing = next(r for r in ranks if not results_at[r].exists())
+                raise WorkerError(missing, "finished without writing its result")
+            if deadline is not None and time.monotonic() > deadline:
+                logs = "".join(f"\n--- rank {r} log ---\n{_tail(self._log(r))}" for r in ranks)
+                raise TimeoutError(f"{fn.__name__} did not finish within {deadline_s} s{logs}")
+            time.sleep(POLL_S)
+        if on_poll is not None:
+            on_poll()
+        import torch
+
+        # Our own workers' results, from our private directory: arbitrary objects are expected.
+        results = [torch.load(path, weights_only=False) for path in results_at]
+        for path in results_at:
+            path.unlink()
+        return results, {r: _read(self._log(r))[offsets[r] :] for r in ranks}
+
+    def close(self) -> None:
+        """Stop every worker and remove the run's directory."""
+        _stop(self.procs)
+        shutil.rmtree(self.outdir, ignore_errors=True)
+
+
 def spawn_with_logs(
     fn: Callable[..., Any],
     world_size: int,
@@ -253,53 +361,94 @@ def spawn_with_logs(
 ) -> tuple[list[Any], dict[int, str]]:
     """``spawn``, also returning each rank's log (its stdout and stderr)."""
     _importable(fn)
-    outdir = Path(tempfile.mkdtemp(prefix="labkit-run-"))  # mode 0700: this user's only
-    job = {
-        "parent": os.getpid(),
-        "world_size": world_size,
-        "backend": backend,
-        "timeout_s": timeout_s,
-        "threads": threads or max(1, (os.cpu_count() or 1) // world_size),
-    }
-    procs: list[subprocess.Popen] = []
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    workers = _Workers(world_size, backend, timeout_s, threads, jobs=1)
     try:
-        (outdir / "job.pkl").write_bytes(pickle.dumps((fn, tuple(args))))
-        (outdir / "job.json").write_text(json.dumps(job))
-        deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        procs = [_start(r, outdir) for r in range(world_size)]
-        while True:
-            if on_poll is not None:
-                on_poll()
-            codes = [p.poll() for p in procs]
-            if any(c not in (None, 0) for c in codes):
-                # Give the peers a moment to record their own errors, then find the first cause.
-                time.sleep(GRACE_S)
-                for p in procs:
-                    p.poll()
-                raise _root_cause(procs, outdir)
-            if all(c == 0 for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                logs = "".join(
-                    f"\n--- rank {r} log ---\n{_tail(outdir / f'rank{r}.log')}"
-                    for r in range(world_size)
-                )
-                raise TimeoutError(f"{fn.__name__} did not finish within {deadline_s} s{logs}")
-            time.sleep(POLL_S)
-        missing = [r for r in range(world_size) if not (outdir / f"rank{r}.pt").exists()]
-        if missing:
-            raise WorkerError(missing[0], "finished without writing its result")
-        import torch
-
-        # Our own workers' results, from our private directory: arbitrary objects are expected.
-        results = [
-            torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)
-        ]
+        return workers.run(fn, args, deadline_s=deadline_s, on_poll=on_poll)
     finally:
-        _stop(procs)
-        logs = {r: _read(outdir / f"rank{r}.log") for r in range(world_size)}
-        shutil.rmtree(outdir, ignore_errors=True)
-    return results, logs
+        workers.close()
+
+
+# ---------------------------------------------------------------------- the warm pool
+# Interactive use (a notebook, IPython) pays the worker start-up (seconds) once: later runs with
+# the same world size, backend and threads reuse the processes and their process group. Each job
+# starts from the same process state (seeds, threads) and builds its model, optimizer and data
+# afresh, so a pooled run equals a fresh one bit for bit. A run that fails or is interrupted tears
+# the pool down; the next run builds a new one. The pool dies with its parent (PR_SET_PDEATHSIG,
+# atexit), so it never outlives the kernel.
+_POOL: _Workers | None = None
+_POOL_LOCK = threading.Lock()
+_KEEP: bool | None = None  # None: keep workers warm inside IPython/Jupyter only
+
+
+def _interactive() -> bool:
+    shell = sys.modules.get("IPython")
+    return shell is not None and shell.get_ipython() is not None
+
+
+def keep_workers(enabled: bool | None = True) -> None:
+    """Keep worker processes warm between training runs (True), never (False: also closes the
+    pool), or decide by the environment (None: yes in IPython and Jupyter, no in scripts)."""
+    global _KEEP
+    _KEEP = enabled
+    if enabled is False:
+        close_pool()
+
+
+def close_pool() -> None:
+    """Stop the warm workers, if any (the next run starts new ones)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
+
+
+def pool_pids() -> list[int]:
+    """Process ids of the warm workers, by rank ([] when there is no pool)."""
+    return _POOL.pids if _POOL is not None else []
+
+
+def run_on_workers(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    threads: int | None = None,
+    on_poll: Callable[[], None] | None = None,
+) -> tuple[list[Any], dict[int, str]]:
+    """``spawn_with_logs`` through the warm pool where workers are kept (see ``keep_workers``).
+
+    A second run while the pool is busy (another thread) gets fresh workers of its own.
+    """
+    global _POOL
+    keep = _interactive() if _KEEP is None else _KEEP
+    if not keep or not _POOL_LOCK.acquire(blocking=False):
+        return spawn_with_logs(
+            fn,
+            world_size,
+            args,
+            backend=backend,
+            timeout_s=timeout_s,
+            threads=threads,
+            on_poll=on_poll,
+        )
+    try:
+        _importable(fn)
+        threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+        key = (world_size, backend, timeout_s, threads)
+        if _POOL is not None and (_POOL.key != key or not _POOL.alive()):
+            close_pool()
+        if _POOL is None:
+            _POOL = _Workers(world_size, backend, timeout_s, threads, jobs=None)
+        try:
+            return _POOL.run(fn, args, on_poll=on_poll)
+        except BaseException:
+            close_pool()  # a failed or interrupted run leaves workers in an unknown state
+            raise
+    finally:
+        _POOL_LOCK.release()
 
 
 def spawn(
