@@ -15,7 +15,7 @@ import torch
 
 import labkit
 from labkit.config import TrainConfig
-from labkit.parallel.zero import memory_per_rank
+from labkit.lessons.data_parallel import memory_per_rank
 from labkit.train import build_model
 
 MAX_NORM = 0.05

@@ -46,7 +46,6 @@ __all__ = [
     "ShardedOptimizer",
     "Zero1Strategy",
     "measure_memory",
-    "memory_per_rank",
     "partition_by_size",
     "zero_memory_formula",
 ]
@@ -454,75 +453,3 @@ def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
         "grads_bytes": _storage_bytes(p.grad for p in params if p.grad is not None),
         "optimizer_bytes": _storage_bytes(state),
     }
-
-
-def _memory_worker(
-    rank: int, world_size: int, strategies: tuple[str, ...], model: str
-) -> list[dict[str, Any]]:
-    """On each rank: one step of each strategy, then its resident bytes with gradients present."""
-    from labkit.config import TrainConfig
-    from labkit.data import global_batch, split_micro_batches
-    from labkit.parallel.base import DistContext
-    from labkit.train import Trainer
-
-    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
-    rows = []
-    for name in strategies:
-        cfg = TrainConfig(
-            model=model,
-            strategy=name,
-            world_size=world_size,
-            steps=2,
-            global_batch_size=2 * world_size,
-            optimizer="adam",
-            progress=False,
-            timeline=False,
-        )
-        trainer = Trainer(cfg, ctx)
-        trainer.train_step()  # creates the optimizer state (then frees the gradients)
-        s = trainer.strategy
-        x, y = global_batch(
-            trainer.corpus.train,
-            seed=cfg.seed,
-            step=1,
-            batch_size=cfg.global_batch_size,
-            block_size=trainer.model_cfg.block_size,
-        )
-        rows_ = s.batch_rows(len(x))
-        s.forward_backward(split_micro_batches(x[rows_], y[rows_], 1), y.numel(), 1)
-        s.finish_grad_sync(1)  # gradients as they are when the optimizer would step
-        measured = measure_memory(s.model, trainer.optimizer)
-        n_params = sum(p.numel() for p in trainer.strategy.module.parameters() if p.requires_grad)
-        rows.append({"strategy": name, "rank": rank, "n_params": n_params, **measured})
-        s.close()
-        del trainer, s
-    return rows
-
-
-def memory_per_rank(
-    strategies: Iterable[str] = ("ddp", "zero1", "fsdp"),
-    model: str = "micro",
-    world_size: int = 2,
-    *,
-    timeout_s: float = 180.0,
-) -> pd.DataFrame:
-    """Measured bytes per rank for each strategy, next to the ZeRO paper's prediction.
-
-    Starts ``world_size`` Gloo processes (from a notebook cell too), trains one step of each
-    strategy with Adam and measures what each rank holds while its gradients are present. One row
-    per (strategy, rank): ``params_bytes``, ``grads_bytes``, ``optimizer_bytes``,
-    ``total_bytes``, the ZeRO ``stage`` and its formula's ``paper_total_bytes`` (fp32: 4 + 4 + 8
-    bytes per parameter before sharding).
-    """
-    import pandas as pd
-
-    from labkit.parallel.collectives import spawn
-
-    per_rank = spawn(_memory_worker, world_size, (tuple(strategies), model), timeout_s=timeout_s)
-    frame = pd.DataFrame([row for rows in per_rank for row in rows])
-    frame["total_bytes"] = frame[["params_bytes", "grads_bytes", "optimizer_bytes"]].sum(axis=1)
-    frame["stage"] = frame["strategy"].map(PAPER_STAGE)
-    paper = zero_memory_formula(int(frame["n_params"].iloc[0]), world_size).set_index("stage")
-    frame["paper_total_bytes"] = frame["stage"].map(paper["total_bytes"])
-    frame["measured_over_paper"] = frame["total_bytes"] / frame["paper_total_bytes"]
-    return frame.sort_values(["strategy", "rank"], kind="stable").reset_index(drop=True)

@@ -305,7 +305,7 @@ def plot_memory_per_rank(
     """Measured bytes per rank (parameters, gradients, optimizer state, stacked) for each
     strategy and rank, with the ZeRO paper's total as a black tick.
 
-    ``frame`` is ``labkit.parallel.zero.memory_per_rank``'s result; ``strategies`` sets the order.
+    ``frame`` is ``labkit.lessons.data_parallel.memory_per_rank``'s result; ``strategies`` sets the order.
     """
     order = list(dict.fromkeys(strategies or frame["strategy"]))
     frame = frame.assign(_order=frame["strategy"].map(order.index))
