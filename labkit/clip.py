@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIP_METHODS",
     "AutoClip",
+    "GradPieces",
     "Clipper",
     "ZClip",
     "adaptive_clip_grad_",
@@ -65,10 +66,28 @@ Params = Tensor | Iterable[Tensor]
 # ---------------------------------------------------------------------------------------------
 
 
+class GradPieces(list):
+    """A list of tensors to clip, some of which do not *count* toward the norm on this rank.
+
+    For gradients replicated over some ranks of the norm's group (a tensor-parallel run's layer
+    norms and embeddings): every rank clips its copy, but only one rank counts it, so the
+    combined norm includes it once. ``counted[i]`` is False for the tensors this rank leaves
+    out of the norm. Any clipper of this module accepts it where it accepts a parameter list.
+    """
+
+    def __init__(self, tensors: Iterable[Tensor], counted: Sequence[bool]) -> None:
+        super().__init__(tensors)
+        if len(counted) != len(self):
+            raise ValueError(f"GradPieces: {len(self)} tensors but {len(counted)} counted flags")
+        self.uncounted = {id(t) for t, c in zip(self, counted, strict=True) if not c}
+
+
 def _as_param_list(parameters: Params) -> list[Tensor]:
     """Accept one tensor or any iterable (a generator is consumed exactly once)."""
     if isinstance(parameters, Tensor):
         return [parameters]
+    if isinstance(parameters, GradPieces):
+        return parameters
     is_generator = isinstance(parameters, types.GeneratorType)
     params = list(parameters)
     if is_generator and not params:
@@ -87,16 +106,32 @@ class _Grads:
     as lean as torch's (which groups twice).
     """
 
-    __slots__ = ("flat", "groups")
+    __slots__ = ("flat", "groups", "norm_flat", "norm_groups")
 
     def __init__(self, parameters: Params, foreach: bool | None) -> None:
-        self.flat: list[Tensor] = [p.grad for p in _as_param_list(parameters) if p.grad is not None]
+        params = _as_param_list(parameters)
+        self.flat: list[Tensor] = [p.grad for p in params if p.grad is not None]
+        self.groups = self._group(self.flat, foreach)
+        # What the norm counts: everything, unless some pieces are counted on another rank.
+        uncounted = getattr(params, "uncounted", None)
+        if uncounted:
+            self.norm_flat = [
+                p.grad for p in params if p.grad is not None and id(p) not in uncounted
+            ]
+            self.norm_groups = self._group(self.norm_flat, foreach)
+        else:
+            self.norm_flat, self.norm_groups = self.flat, self.groups
+
+    @staticmethod
+    def _group(
+        flat: list[Tensor], foreach: bool | None
+    ) -> list[tuple[torch.device, list[Tensor], bool]]:
         by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for g in self.flat:
+        for g in flat:
             by_key.setdefault((g.device, g.dtype), []).append(g)
         # Each entry: (device, tensors, use_foreach). Insertion order = first appearance, which
         # is also torch's order, so the stacked norms (and hence the rounding) are identical.
-        self.groups: list[tuple[torch.device, list[Tensor], bool]] = [
+        return [
             (device, tensors, _use_foreach(tensors, device, foreach))
             for (device, _), tensors in by_key.items()
         ]
@@ -176,7 +211,7 @@ def _total_norm(grads: _Grads, norm_type: float, group: Any) -> Tensor:
     norm_type = float(norm_type)
     groups = _as_group_list(group)
     norms: list[Tensor] = []
-    for _, tensors, use_foreach in grads.groups:
+    for _, tensors, use_foreach in grads.norm_groups:
         if use_foreach:
             norms.extend(torch._foreach_norm(tensors, norm_type))
         else:
@@ -184,8 +219,8 @@ def _total_norm(grads: _Grads, norm_type: float, group: Any) -> Tensor:
 
     local: Tensor | None = None
     if norms:
-        if len(grads.groups) > 1:  # several devices or dtypes: gather on the first one
-            first_device = grads.flat[0].device
+        if len(grads.norm_groups) > 1:  # several devices or dtypes: gather on the first one
+            first_device = grads.norm_flat[0].device
             norms = [n.to(first_device) for n in norms]
         local = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     if groups:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.clip import CLIP_METHODS  # the clipping module owns its list of methods
+from labkit.parallel import presets as P
 
 # The names users type. Kept here (not in the modules that implement them) so validation needs no
 # heavy imports and the lists are in one place.
@@ -26,21 +27,10 @@ NORMS = ("pre", "post")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 NONFINITE = ("skip", "raise")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STRATEGIES = (
-    "single",
-    "dp-naive",
-    "dp-bucketed",
-    "ddp",
-    "zero1",
-    "fsdp",
-    "pp-gpipe",
-    "pp-1f1b",
-    "pp-torch",
-    "tp",
-)
-PIPELINE_STRATEGIES = ("pp-gpipe", "pp-1f1b", "pp-torch")
-# Strategies whose ranks each take a slice of the global batch (data parallel in some form).
-DATA_PARALLEL_STRATEGIES = ("dp-naive", "dp-bucketed", "ddp", "zero1", "fsdp")
+# Strategy names, data-parallel flavours and pipeline schedules: one table, in parallel.presets.
+STRATEGIES = P.STRATEGIES
+DP_IMPLS = tuple(P.DP_IMPLS)
+PP_SCHEDULES = tuple(P.PP_SCHEDULES)
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 PP_BALANCE = ("layers", "params")
@@ -60,6 +50,8 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+# Fields that may be derived from others (see TrainConfig._resolve_mesh and replace).
+DERIVED_FIELDS = ("strategy", "world_size", "dp", "pp", "tp", "dp_impl", "pp_schedule")
 # Largest seed: torch.manual_seed takes a 64-bit value; stay in the signed range every RNG accepts.
 MAX_SEED = 2**63 - 1
 # Keyword arguments of get_schedule that a TrainConfig field already sets (see schedule_args).
@@ -118,8 +110,16 @@ class TrainConfig:
     nonfinite: str = "skip"
     precision: str = "fp32"
     # Parallelism.
-    strategy: str = "single"
-    world_size: int = 1
+    # A preset name (labkit.parallel.presets), or None: "single", or "mesh" when dp/pp/tp are set.
+    strategy: str | None = None
+    # The mesh: dp x pp x tp = world_size. Unset (None) values come from the preset: its
+    # dimension takes every rank the others leave, the rest are 1. Always ints once constructed.
+    world_size: int | None = None
+    dp: int | None = None
+    pp: int | None = None
+    tp: int | None = None
+    dp_impl: str | None = None  # how dp is done: naive, bucketed, ddp, zero1, zero2, zero3, fsdp
+    pp_schedule: str | None = None  # gpipe, 1f1b, torch-gpipe, torch-1f1b
     backend: str = "auto"
     device: str = "auto"
     bucket_mb: float = 25.0
@@ -154,7 +154,53 @@ class TrainConfig:
         object.__setattr__(self, "schedule_kwargs", dict(self.schedule_kwargs or {}))
         if isinstance(self.checkpoint_dir, os.PathLike):
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
+        self._resolve_mesh()
         self.validate()
+
+    def _resolve_mesh(self) -> None:
+        """Fill strategy, world_size, dp, pp, tp, dp_impl and pp_schedule from what was set."""
+        for name in ("world_size", *P.DIMS):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                _fail(name, value, "must be an integer >= 1")
+        dims = {d: getattr(self, d) for d in P.DIMS}
+        strategy = self.strategy
+        if strategy is None:
+            if any(v not in (None, 1) for v in dims.values()):
+                strategy = "mesh"
+            elif (self.world_size or 1) > 1:
+                _fail(
+                    "world_size",
+                    self.world_size,
+                    "a run of several processes needs a strategy (one of "
+                    + ", ".join(repr(s) for s in STRATEGIES[1:])
+                    + ") or the mesh fields dp, pp, tp",
+                )
+            else:
+                strategy = "single"
+        if strategy not in STRATEGIES:
+            _fail("strategy", strategy, "allowed: " + ", ".join(repr(a) for a in STRATEGIES))
+        world, mesh = P.resolve_mesh(strategy, self.world_size, dims)
+        preset = P.PRESETS[strategy]
+        for name, fixed, default, allowed in (
+            ("dp_impl", preset.dp_impl, P.DEFAULT_DP_IMPL, DP_IMPLS),
+            ("pp_schedule", preset.pp_schedule, P.DEFAULT_PP_SCHEDULE, PP_SCHEDULES),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                _fail(name, value, "allowed: " + ", ".join(repr(a) for a in allowed))
+            if fixed is not None and value not in (None, fixed):
+                _fail(
+                    name,
+                    value,
+                    f"strategy={strategy!r} means {name}={fixed!r}; use strategy='mesh' "
+                    f"(or another preset) to choose {name}",
+                )
+            object.__setattr__(self, name, value or fixed or default)
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "world_size", world)
+        for d, v in mesh.items():
+            object.__setattr__(self, d, v)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -166,7 +212,6 @@ class TrainConfig:
         self._check_choice("clip", CLIP_METHODS)
         self._check_choice("nonfinite", NONFINITE)
         self._check_choice("precision", PRECISIONS)
-        self._check_choice("strategy", STRATEGIES)
         self._check_choice("backend", BACKENDS)
         self._check_choice("device", DEVICES)
         self._check_choice("pp_balance", PP_BALANCE)
@@ -176,7 +221,6 @@ class TrainConfig:
             "global_batch_size",
             "grad_accum_steps",
             "micro_batches",
-            "world_size",
         ):
             self._check_int(name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
@@ -260,9 +304,7 @@ class TrainConfig:
             _fail("fault", self.fault, f"rank must be below world_size={self.world_size}")
 
     def _validate_parallel(self) -> None:
-        s, w = self.strategy, self.world_size
-        if s == "single" and w != 1:
-            _fail("world_size", w, "strategy='single' runs one process: use world_size=1")
+        dp, pp, tp = self.dp, self.pp, self.tp
         if self.backend == "nccl" and self.device == "cpu":
             _fail("backend", self.backend, "NCCL needs device='cuda' (use 'gloo' on CPU)")
         if self.device == "cuda" or self.backend == "nccl":
@@ -271,61 +313,92 @@ class TrainConfig:
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if n == 0:
                 _fail("device", self.device, "CUDA was requested but no GPU is visible")
-        if self.precision == "fp16" and s not in ("single", "dp-naive", "dp-bucketed", "ddp"):
-            _fail("precision", "fp16", "loss scaling is supported with single, dp-* and ddp only")
-        if s in DATA_PARALLEL_STRATEGIES:
-            need = w * self.grad_accum_steps
-            if self.global_batch_size < need:
-                _fail(
-                    "global_batch_size",
-                    self.global_batch_size,
-                    f"must be at least world_size*grad_accum_steps={need} so every micro-batch "
-                    "holds at least one sequence",
-                )
-        elif self.global_batch_size < self.grad_accum_steps:
-            _fail("grad_accum_steps", self.grad_accum_steps, "must not exceed global_batch_size")
-        if s in PIPELINE_STRATEGIES or s == "tp":
-            from labkit.model import PRESETS
+        impl, sched = self.dp_impl, self.pp_schedule
+        if self.precision == "fp16" and (
+            pp > 1 or tp > 1 or (dp > 1 and impl not in ("naive", "bucketed", "ddp"))
+        ):
+            _fail(
+                "precision",
+                "fp16",
+                "loss scaling is supported with one process and dp_impl naive, bucketed or ddp "
+                "(no pp, no tp) only",
+            )
+        need = dp * self.grad_accum_steps
+        if self.global_batch_size < need:
+            _fail(
+                "global_batch_size",
+                self.global_batch_size,
+                f"must be at least dp*grad_accum_steps={need} so every micro-batch "
+                "holds at least one sequence",
+            )
+        from labkit.model import PRESETS
 
-            preset = PRESETS[self.model]
-            if s in PIPELINE_STRATEGIES and w > preset.n_layer + 2:
+        preset = PRESETS[self.model]
+        if pp > 1:
+            if pp > preset.n_layer + 2:
+                name = self._mesh_field("pp")
                 _fail(
-                    "world_size",
-                    w,
+                    name,
+                    getattr(self, name),
                     f"a pipeline needs at most one stage per layer: model {self.model!r} has "
                     f"{preset.n_layer} blocks plus embedding and head, so at most {preset.n_layer + 2}",
                 )
-            if s in PIPELINE_STRATEGIES:
-                per_mb = self.global_batch_size // self.grad_accum_steps
-                if self.global_batch_size % (self.grad_accum_steps * self.micro_batches):
-                    _fail(
-                        "micro_batches",
-                        self.micro_batches,
-                        f"must divide the batch per optimizer micro-step "
-                        f"(global_batch_size/grad_accum_steps={per_mb})",
-                    )
-            if s == "pp-torch" and self.micro_batches < w:
+            rows = dp * self.grad_accum_steps * self.micro_batches
+            if self.global_batch_size % rows:
                 _fail(
                     "micro_batches",
                     self.micro_batches,
-                    f"pp-torch (torch's Schedule1F1B) needs at least world_size={w} micro-batches",
+                    f"dp*grad_accum_steps*micro_batches={rows} must divide "
+                    f"global_batch_size={self.global_batch_size} (equal micro-batches per stage)",
                 )
-            if s == "tp":
-                if self.clip == "agc":
+            if impl == "ddp" and dp > 1:
+                _fail(
+                    "dp_impl",
+                    impl,
+                    "DDP starts its gradient sync at the last micro-batch's forward, which a "
+                    "pipeline schedule runs before earlier backwards; use 'bucketed' (the same "
+                    "algorithm by hand) or another dp_impl with pp > 1",
+                )
+            if sched.startswith("torch-"):
+                if self.micro_batches < pp:
                     _fail(
-                        "clip",
-                        "agc",
-                        "tp splits the rows of row-parallel weights across ranks, so unit-wise "
-                        "AGC is not exact; use 'none', 'norm', 'value', 'autoclip' or 'zclip'",
+                        "micro_batches",
+                        self.micro_batches,
+                        f"pp_schedule={sched!r} (torch's schedule) needs at least pp={pp} "
+                        "micro-batches",
                     )
-                if preset.n_head % w:
-                    _fail("world_size", w, f"tp needs n_head={preset.n_head} divisible by it")
-                if (4 * preset.d_model) % w:
-                    _fail("world_size", w, f"tp needs the MLP width {4 * preset.d_model} divisible")
+                if dp > 1:
+                    _fail(
+                        "pp_schedule",
+                        sched,
+                        "torch's schedules run here with dp=1 only; use 'gpipe' or '1f1b' with dp",
+                    )
         elif self.micro_batches != 1:
+            _fail("micro_batches", self.micro_batches, "only pipelines (pp > 1) use it; use 1")
+        if tp > 1:
+            if self.clip == "agc":
+                _fail(
+                    "clip",
+                    "agc",
+                    "tp splits the rows of row-parallel weights across ranks, so unit-wise "
+                    "AGC is not exact; use 'none', 'norm', 'value', 'autoclip' or 'zclip'",
+                )
+            name = self._mesh_field("tp")
+            if preset.n_head % tp:
+                _fail(name, getattr(self, name), f"tp={tp} must divide n_head={preset.n_head}")
+            if (4 * preset.d_model) % tp:
+                _fail(name, getattr(self, name), f"tp={tp} must divide the MLP width")
+        if dp > 1 and impl in ("zero2", "zero3") and self.clip == "agc":
             _fail(
-                "micro_batches", self.micro_batches, "only pipeline strategies (pp-*) use it; use 1"
+                "clip",
+                "agc",
+                f"dp_impl={impl!r} shards flat buffers that cut across weight rows, so unit-wise "
+                "AGC is not exact; use another clip method or dp_impl",
             )
+
+    def _mesh_field(self, dim: str) -> str:
+        """The field to name for a bad mesh dimension: itself if set, else world_size."""
+        return dim if dim in getattr(self, "_set_fields", (dim,)) else "world_size"
 
     def _validate_schedule(self) -> None:
         for key in self.schedule_kwargs:
@@ -350,8 +423,21 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again).
+
+        Mesh fields that were derived rather than set (``TrainConfig(strategy="ddp",
+        world_size=2)`` derives ``dp=2``) are derived again, so ``replace(world_size=4)`` gives
+        ``dp=4``; fields that were set stay, and must agree with the change.
+        """
+        _check_known(changes)
+        was_set = getattr(self, "_set_fields", None)
+        kwargs = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in changes
+            and (f.name not in DERIVED_FIELDS or was_set is None or f.name in was_set)
+        }
+        return TrainConfig(**kwargs, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for checkpoints, CSV headers and notebooks)."""
@@ -395,8 +481,13 @@ class TrainConfig:
 
     @property
     def dp_size(self) -> int:
-        """Number of ranks that each take a different slice of the batch."""
-        return self.world_size if self.strategy in DATA_PARALLEL_STRATEGIES else 1
+        """Number of ranks that each take a different slice of the batch (``dp``)."""
+        return self.dp
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        """``{"pp": .., "dp": .., "tp": ..}``, outermost dimension first."""
+        return {d: getattr(self, d) for d in P.DIMS}
 
 
 def _check_known(names: Any) -> None:
@@ -419,6 +510,7 @@ def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
             f"{args[0]!r}...); for example TrainConfig(model='nano', steps=10)"
         )
     _check_known(kwargs)
+    object.__setattr__(self, "_set_fields", frozenset(kwargs))  # what replace() must keep
     _dataclass_init(self, **kwargs)
 
 

@@ -1,45 +1,48 @@
-"""Parallel strategies: data parallel, ZeRO/FSDP sharding, pipeline and tensor parallel.
+"""Parallelism on one mesh: data parallel (by hand, DDP, ZeRO-1/2/3, FSDP2), pipeline and tensor.
 
-``make_strategy`` maps a ``TrainConfig.strategy`` name to its class, importing lazily so that a
-single-process run never imports the distributed machinery it does not use.
+``make_strategy`` builds this rank's share of a run from ``TrainConfig``: the mesh
+(``labkit.parallel.mesh``), the pipeline stage and tensor-parallel slices it holds, and the
+data-parallel flavour ``cfg.dp_impl`` (a class named in ``labkit.parallel.presets``, the one table
+of names). Imports are lazy so that validating a config, or a single-process run, never imports
+distributed machinery it does not use.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from labkit.config import TrainConfig
-from labkit.model import GPT
-from labkit.parallel.base import DistContext, Strategy
-
-# strategy name -> (module, class name)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "single": ("labkit.parallel.base", "Strategy"),
-    "dp-naive": ("labkit.parallel.data_parallel", "NaiveDPStrategy"),
-    "dp-bucketed": ("labkit.parallel.data_parallel", "BucketedDPStrategy"),
-    "ddp": ("labkit.parallel.data_parallel", "DDPStrategy"),
-    "zero1": ("labkit.parallel.zero", "Zero1Strategy"),
-    "fsdp": ("labkit.parallel.zero", "FSDPStrategy"),
-    "pp-gpipe": ("labkit.parallel.pipeline", "GPipeStrategy"),
-    "pp-1f1b": ("labkit.parallel.pipeline", "OneFOneBStrategy"),
-    "pp-torch": ("labkit.parallel.pipeline", "TorchPipelineStrategy"),
-    "tp": ("labkit.parallel.tensor_parallel", "TensorParallelStrategy"),
-}
+if TYPE_CHECKING:
+    from labkit.config import TrainConfig
+    from labkit.model import GPT
+    from labkit.parallel.base import DistContext, Strategy
 
 
-def strategy_class(name: str) -> type[Strategy]:
-    """The Strategy subclass implementing ``name``."""
-    module_name, class_name = REGISTRY[name]
+def strategy_class(cfg: TrainConfig) -> type[Strategy]:
+    """The Strategy class for this config: the data-parallel flavour's, or the base class."""
+    from labkit.parallel import presets
+    from labkit.parallel.base import Strategy
+
+    if cfg.dp == 1:
+        return Strategy  # pipeline and tensor parallelism are handled by the base class
+    impl = presets.DP_IMPLS[cfg.dp_impl]
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)
+        return getattr(importlib.import_module(impl.module), impl.cls)
     except (ImportError, AttributeError) as err:
-        raise NotImplementedError(f"strategy {name!r} is not available: {err}") from err
+        raise NotImplementedError(f"dp_impl {impl.name!r} is not available: {err}") from err
 
 
 def make_strategy(cfg: TrainConfig, ctx: DistContext, model: GPT) -> Strategy:
-    """Place ``model`` according to ``cfg.strategy`` on this rank."""
-    return strategy_class(cfg.strategy)(cfg, ctx, model)
+    """Place ``model`` on this rank according to the config's mesh and implementations."""
+    return strategy_class(cfg)(cfg, ctx, model)
 
 
-__all__ = ["REGISTRY", "DistContext", "Strategy", "make_strategy", "strategy_class"]
+def __getattr__(name: str) -> Any:
+    if name in ("DistContext", "Strategy"):
+        from labkit.parallel import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'labkit.parallel' has no attribute {name!r}")
+
+
+__all__ = ["DistContext", "Strategy", "make_strategy", "strategy_class"]

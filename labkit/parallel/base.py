@@ -1,26 +1,29 @@
-"""The strategy interface: how a model is placed and how its gradients are synchronised.
+"""The strategy: how a model is placed on the mesh and how its gradients are synchronised.
 
 The training loop (``labkit.train``) owns the order of a step: forward/backward over the
 micro-batches, gradient sync, unscale, clip, optimizer step, scheduler step, metrics. A strategy
-supplies the pieces that differ between single-process, data-parallel, sharded, pipeline and
-tensor-parallel training. ``Strategy`` itself is the single-process strategy; the parallel ones
-override what they must, so each parallel file reads as "what changes, and why".
+supplies the pieces that differ between meshes: ``Strategy`` places the pipeline stage and the
+tensor-parallel slices and reduces over the right dimensions; each data-parallel flavour is a
+subclass that overrides what it must, so each parallel file reads as "what changes, and why".
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.config import TrainConfig
+from labkit.clip import GradPieces, global_grad_norm
 from labkit.data import shard_rows
 from labkit.model import GPT, lm_loss_sum
 from labkit.timeline import Timeline
+
+if TYPE_CHECKING:
+    from labkit.config import TrainConfig
 
 
 @dataclass
@@ -45,35 +48,68 @@ class DistContext:
 
 
 class Strategy:
-    """Single-process training; the base class of every parallel strategy.
+    """One rank's share of a run on the mesh: its pipeline stage, tensor-parallel slices, replica.
 
-    Attributes a subclass may set: ``model`` (the module the loop calls), ``module`` (the
-    unwrapped GPT, whose parameter names define the state dict), ``clip_group`` (the process group
-    whose ranks hold disjoint pieces of the gradients, None when gradients are replicated).
+    The base class does every dimension but data parallelism: it cuts the model into the
+    pipeline stage this rank runs (``pp > 1``, ``labkit.parallel.pipeline``), swaps in the
+    tensor-parallel layers of its slice (``tp > 1``, ``labkit.parallel.tensor_parallel``), and
+    reduces loss and clipping norm over the right dimensions. A data-parallel flavour
+    (``dp_impl``) is a subclass that overrides only what differs: ``setup`` (wrap or shard),
+    ``no_sync``, ``finish_grad_sync``, ``make_optimizer``, ``clip_pieces`` and the state dicts.
+    With a mesh of one rank it is the single-process strategy.
+
+    Attributes: ``model`` (the module the loop calls), ``module`` (the unwrapped GPT, pruned to
+    this stage, whose parameter names define the state dict), ``mesh`` (``labkit.parallel.mesh``).
     """
 
-    name = "single"
-    # True where communication blocks inside forward/backward (tensor parallel): see
-    # Timeline.durations.
-    nested_comm = False
+    # True for data-parallel flavours whose ranks each keep only a piece of every gradient: the
+    # clipping norm then combines pieces over dp too.
+    grads_sharded = False
+    # True where a flavour communicates inside forward/backward (ZeRO-3's gathers).
+    gathers_in_forward = False
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, model: GPT) -> None:
+        from labkit.parallel.mesh import Mesh
+
         self.cfg = cfg
         self.ctx = ctx
         self.timeline = Timeline(ctx.rank, enabled=cfg.timeline)
-        self.clip_group: Any = None
-        self.comm_bytes = 0  # bytes this rank sent in the current step (see ring_bytes)
+        self.comm_bytes = 0  # bytes this rank sent in the current step
         self.scaler: torch.amp.GradScaler | None = None
+        shape = cfg.mesh_shape if ctx.distributed else dict.fromkeys(cfg.mesh_shape, 1)
+        self.mesh = Mesh(shape, ctx.rank if ctx.distributed else 0, ctx.device.type)
+        self.full_keys = list(model.state_dict())  # to order full_state_dict like GPT's
+        self._step, self._recording = 0, True
+        self.pipe: Any = None
+        if self.mesh.size("pp") > 1:
+            from labkit.parallel.pipeline import make_pipeline
+
+            self.pipe = make_pipeline(self, model)  # prunes model to this rank's stage
+        self.tp_shard_dims: dict[str, int] = {}  # tensor-parallel parameter -> dim it is split on
+        if self.mesh.size("tp") > 1:
+            from labkit.parallel.tensor_parallel import apply_tensor_parallel
+
+            self.tp_shard_dims = apply_tensor_parallel(
+                model, self.mesh.group("tp"), self._on_tp_comm
+            )
         self.module = model.to(ctx.device)
         self.model: nn.Module = self.module
         self.setup()
+        self.clip_group: Any = self.mesh.group("pp", "tp", *(("dp",) if self.grads_sharded else ()))
+        if self.pipe is not None:
+            self.pipe.start()
 
     # ------------------------------------------------------------------ placement
     def setup(self) -> None:
-        """Wrap or shard ``self.module`` (subclasses); the single strategy keeps it as it is."""
+        """Wrap or shard ``self.module`` over dp (subclasses); the base keeps it as it is."""
+
+    @property
+    def nested_comm(self) -> bool:
+        """True where communication blocks inside forward/backward (see Timeline.durations)."""
+        return self.mesh.size("tp") > 1 or self.gathers_in_forward
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters this rank optimises and clips (its shard or stage, if sharded)."""
+        """The parameters this rank optimises (its stage and slices)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -84,16 +120,16 @@ class Strategy:
     # ------------------------------------------------------------------ data
     @property
     def dp_size(self) -> int:
-        """How many ranks share the batch (each takes a slice); gradients are averaged over them."""
-        return 1
+        """How many replicas share the batch (each takes a slice); gradients average over them."""
+        return self.mesh.size("dp")
 
     @property
     def dp_rank(self) -> int:
-        """This rank's index among the ranks that share the batch."""
-        return 0
+        """This rank's replica index."""
+        return self.mesh.local_rank("dp")
 
     def batch_rows(self, n_rows: int) -> slice:
-        """Rows of the global batch this rank consumes."""
+        """Rows of the global batch this rank consumes (its replica's slice)."""
         return shard_rows(n_rows, self.dp_rank, self.dp_size)
 
     # ------------------------------------------------------------------ one step
@@ -105,7 +141,7 @@ class Strategy:
         return torch.autocast(self.ctx.device.type, dtype=dtype)
 
     def no_sync(self) -> AbstractContextManager[Any]:
-        """Context in which backward does not synchronise gradients (accumulation)."""
+        """Context in which backward does not synchronise gradients over dp (accumulation)."""
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -118,10 +154,14 @@ class Strategy:
         """Run forward and backward over this rank's micro-batches; return its summed token loss.
 
         Each micro-batch's loss is ``sum / n_tokens`` (``n_tokens``: tokens in the *global* batch)
-        times ``dp_size``, because the sync averages over ``dp_size`` ranks. Then the gradients
+        times ``dp_size``, because the sync averages over ``dp_size`` replicas. Then the gradients
         equal those of the mean loss over the global batch exactly, however unevenly it is split.
-        Only the last micro-batch synchronises; the others accumulate under ``no_sync``.
+        Only the last micro-batch synchronises; the others accumulate under ``no_sync``. With a
+        pipeline, its schedule runs the micro-batches instead (same scaling, same rule).
         """
+        self._step = step
+        if self.pipe is not None:
+            return self.pipe.forward_backward(micro_batches, self.dp_size / n_tokens, step)
         total = torch.zeros((), device=self.ctx.device)
         scale = self.dp_size / n_tokens
         for i, (x, y) in enumerate(micro_batches):
@@ -135,36 +175,84 @@ class Strategy:
         return total
 
     def finish_grad_sync(self, step: int) -> None:
-        """Complete gradient synchronisation after the last backward (DP strategies)."""
+        """Complete gradient synchronisation after the last backward (data-parallel flavours)."""
+
+    def _on_tp_comm(self, tensor: torch.Tensor, start: float, end: float) -> None:
+        """Tensor parallelism's all-reduces, recorded where they ran (not during evaluation)."""
+        if not self._recording:
+            return
+        self.comm_bytes += ring_bytes(
+            tensor.numel() * tensor.element_size(), self.mesh.size("tp"), "allreduce"
+        )
+        t0 = self.timeline.t0
+        self.timeline.add("allreduce", self._step, -1, start - t0, end - t0)
+
+    # ------------------------------------------------------------------ clipping
+    def clip_pieces(self) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's gradient pieces: (tensor whose ``.grad`` is the piece, replicated over tp).
+
+        Parameters a tensor-parallel slice holds whole (embeddings, norms, biases of row-parallel
+        layers) are replicated over tp; the others are split. Flavours that shard gradients over
+        dp return their shards instead.
+        """
+        return [
+            (p, name not in self.tp_shard_dims)
+            for name, p in self.module.named_parameters()
+            if p.requires_grad
+        ]
+
+    def _grad_pieces(self) -> list[torch.Tensor]:
+        """The pieces whose norms, combined over ``clip_group``, make the global norm.
+
+        Every piece is clipped; a piece replicated over tp is *counted* on tp rank 0 only, so it
+        enters the norm once (pieces replicated over dp are not combined over dp at all).
+        """
+        pieces = self.clip_pieces()
+        if self.mesh.size("tp") == 1 or self.mesh.local_rank("tp") == 0:
+            return [t for t, _ in pieces]
+        return GradPieces([t for t, _ in pieces], counted=[not rep for _, rep in pieces])
 
     def clip_gradients(self, clipper: Any) -> torch.Tensor:
         """Clip this rank's gradients by the global norm; return the pre-clip global norm.
 
-        ``clipper`` is a ``labkit.clip.make_clipper`` object. ``clip_group`` tells it which ranks
-        hold disjoint pieces whose contributions must be combined.
+        ``clipper`` is a ``labkit.clip.make_clipper`` object; ``clip_group`` spans the mesh
+        dimensions over which ranks hold disjoint pieces (pp stages, tp slices, dp shards).
         """
-        return clipper(self.trainable_parameters(), group=self.clip_group)
+        return clipper(self._grad_pieces(), group=self.clip_group)
 
     def grad_norm(self) -> torch.Tensor:
         """The global 2-norm of the current gradients (after clipping, for the metrics)."""
-        from labkit.clip import global_grad_norm
-
-        return global_grad_norm(self.trainable_parameters(), group=self.clip_group)
+        return global_grad_norm(self._grad_pieces(), group=self.clip_group)
 
     def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
-        """The global batch's summed loss from this rank's part (identical on every rank)."""
-        return float(local_loss_sum)
+        """The global batch's summed loss (identical on every rank).
+
+        The last pipeline stage holds its replica's loss: broadcast over pp; the replicas' sums
+        add up over dp; tp slices computed the same loss.
+        """
+        value = local_loss_sum.detach().clone()
+        if self.mesh.size("pp") > 1:
+            dist.broadcast(value, group=self.mesh.group("pp"), group_src=self.mesh.size("pp") - 1)
+        if self.mesh.size("dp") > 1:
+            dist.all_reduce(value, group=self.mesh.group("dp"))
+        return float(value)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean validation loss per token over ``batches`` (every rank returns the same value)."""
-        total = tokens = 0.0
-        for x, y in batches:
-            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
-            with self.autocast():
-                total += float(lm_loss_sum(self.model(x), y))
-            tokens += y.numel()
-        return total / tokens
+        self._recording = False
+        try:
+            if self.pipe is not None:
+                return self.pipe.evaluate(batches)
+            total = tokens = 0.0
+            for x, y in batches:
+                x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+                with self.autocast():
+                    total += float(lm_loss_sum(self.model(x), y))
+                tokens += y.numel()
+            return total / tokens
+        finally:
+            self._recording = True
 
     # ------------------------------------------------------------------ state
     def local_state_dict(self) -> dict[str, torch.Tensor]:
@@ -175,16 +263,44 @@ class Strategy:
         """Restore this rank's model state from its checkpoint file."""
         self.module.load_state_dict(state)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's parameters on CPU, keyed as ``GPT.state_dict()`` (on rank 0).
-
-        A collective for sharded strategies: every rank must call it; ranks other than 0 may
-        return None.
-        """
+    def replica_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """This rank's stage and slices, unsharded over dp, on CPU (a collective over dp for
+        flavours that shard parameters; needed on dp rank 0 only)."""
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's parameters on CPU, keyed as ``GPT.state_dict()``, on rank 0.
+
+        A collective: every rank must call it; ranks other than 0 return None. Rank 0 joins the
+        pipeline stages and concatenates the tensor-parallel slices of replica 0.
+        """
+        local = self.replica_state_dict()
+        if self.mesh.size("pp") == 1 and self.mesh.size("tp") == 1:
+            return local if self.ctx.rank == 0 else None
+        part = (self.mesh.local_rank("tp"), local) if self.dp_rank == 0 else None
+        parts: list[Any] | None = [None] * self.mesh.world_size if self.ctx.rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if parts is None:
+            return None
+        slices: dict[str, dict[int, torch.Tensor]] = {}
+        for entry in parts:
+            if entry is not None:
+                tp_rank, state = entry
+                for key, tensor in state.items():
+                    slices.setdefault(key, {})[tp_rank] = tensor
+        full = {}
+        for key in self.full_keys:
+            pieces = slices[key]
+            if key in self.tp_shard_dims:
+                full[key] = torch.cat([pieces[r] for r in sorted(pieces)], self.tp_shard_dims[key])
+            else:
+                full[key] = pieces[min(pieces)]
+        return full
 
     def close(self) -> None:
         """Release hooks or communication resources."""
+        if self.pipe is not None:
+            self.pipe.close()
 
 
 def all_reduce_sum(value: torch.Tensor, group: Any = None) -> torch.Tensor:

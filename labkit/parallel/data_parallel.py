@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.parallel.base import Strategy, all_reduce_sum, ring_bytes
+from labkit.parallel.base import Strategy, ring_bytes
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -293,26 +293,18 @@ class BucketedDP(_DataParallel):
 
 
 class DataParallelStrategy(Strategy):
-    """What every data-parallel strategy shares: each rank takes a slice of every batch.
+    """What every data-parallel flavour shares: the dp group, and each replica its batch slice.
 
-    ``dp_size`` is the world size, so the loop scales each rank's loss by ``world / n_tokens``
-    and the averaged gradient is exactly the gradient of the global batch's mean loss, however
-    unevenly its rows split. The reported loss is the SUM over ranks of the local loss sums.
+    ``dp_size`` replicas (``mesh.size("dp")``) each take a slice of every batch, so the loop
+    scales each rank's loss by ``dp_size / n_tokens`` and the averaged gradient is exactly the
+    gradient of the global batch's mean loss, however unevenly its rows split. Each replica may
+    itself be a pipeline stage or a tensor-parallel slice: the wrappers only see a module.
     """
 
     @property
-    def dp_size(self) -> int:
-        """Every rank shares the batch."""
-        return self.ctx.world_size
-
-    @property
-    def dp_rank(self) -> int:
-        """This rank's slice of the batch."""
-        return self.ctx.rank
-
-    def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
-        """The global batch's summed loss: SUM all-reduce of each rank's sum."""
-        return float(all_reduce_sum(local_loss_sum.detach().clone()))
+    def dp_group(self) -> Any:
+        """The process group of this rank's replicas (same stage, same slice)."""
+        return self.mesh.group("dp")
 
 
 class NaiveDPStrategy(DataParallelStrategy):
@@ -322,7 +314,7 @@ class NaiveDPStrategy(DataParallelStrategy):
 
     def setup(self) -> None:
         """Wrap the model (broadcasting rank 0's weights)."""
-        self.model = self.dp = NaiveDP(self.module)
+        self.model = self.dp = NaiveDP(self.module, group=self.dp_group)
 
     def no_sync(self) -> AbstractContextManager[Any]:
         """Accumulate without communicating."""
@@ -346,7 +338,9 @@ class BucketedDPStrategy(DataParallelStrategy):
 
     def setup(self) -> None:
         """Wrap the model in buckets (broadcasting rank 0's weights)."""
-        self.model = self.dp = BucketedDP(self.module, bucket_mb=self.cfg.bucket_mb)
+        self.model = self.dp = BucketedDP(
+            self.module, bucket_mb=self.cfg.bucket_mb, group=self.dp_group
+        )
         self.dp.record_times = self.timeline.enabled
 
     def no_sync(self) -> AbstractContextManager[Any]:
@@ -365,6 +359,7 @@ class BucketedDPStrategy(DataParallelStrategy):
     def close(self) -> None:
         """Remove the gradient hooks."""
         self.dp.close()
+        super().close()
 
 
 class DDPStrategy(DataParallelStrategy):
@@ -382,7 +377,10 @@ class DDPStrategy(DataParallelStrategy):
         from torch.nn.parallel import DistributedDataParallel
 
         device = self.ctx.device
-        kwargs: dict[str, Any] = {"bucket_cap_mb": self.cfg.bucket_mb}
+        kwargs: dict[str, Any] = {
+            "bucket_cap_mb": self.cfg.bucket_mb,
+            "process_group": self.dp_group,
+        }
         if device.type == "cuda":
             kwargs["device_ids"] = [device.index]  # on CPU DDP takes no device_ids
         self.model = self.ddp = DistributedDataParallel(self.module, **kwargs)
@@ -399,8 +397,8 @@ class DDPStrategy(DataParallelStrategy):
         """DDP communication hook: SUM all-reduce the bucket (a dist.GradBucket), divide, time it."""
         start = time.perf_counter()
         buffer = bucket.buffer()
-        fut = dist.all_reduce(buffer, async_op=True).get_future()
-        world = self.ctx.world_size
+        fut = dist.all_reduce(buffer, group=self.dp_group, async_op=True).get_future()
+        world = self.dp_size
 
         def done(f: torch.futures.Future) -> torch.Tensor:
             self._spans.append((start, time.perf_counter()))

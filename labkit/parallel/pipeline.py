@@ -3,7 +3,7 @@
 Read this file top to bottom:
 
 1. **Cutting the model.** ``GPT.layers()`` lists ``embed, blocks.0 .. blocks.{L-1}, head``. We cut
-   that list into ``p = world_size`` contiguous stages, balanced by number of layers or by number
+   that list into ``p = pp`` contiguous stages, balanced by number of layers or by number
    of parameters (``TrainConfig.pp_balance``). Every rank builds the *whole* GPT from the same seed
    and then replaces the layers it does not own by ``nn.Identity`` placeholders. So the parameters
    it keeps have their original names (``blocks.1.attn.q.weight``), and the pruned GPT's own
@@ -12,14 +12,14 @@ Read this file top to bottom:
    forward of micro-batch ``i`` and ``("B", i)`` for its backward:
    ``gpipe_order`` (all forwards, then all backwards) and ``one_f_one_b_order`` (a few warm-up
    forwards, then one forward / one backward, then the remaining backwards). Print them!
-3. **Running a schedule** (``PipelineStrategy``): a forward receives the activation
+3. **Running a schedule** (``Pipeline``, one stage of one pipeline of the mesh): a forward receives the activation
    ``[rows, T, d_model]`` from the previous stage, runs the stage, and sends its output on; a
    backward receives the gradient of that output from the next stage, back-propagates, and sends
    the gradient of its input back. The last stage computes the loss. Shapes are known from the
    batch every rank can compute for itself, so no shape handshake is needed. Naive model
    parallelism is this same code with ``micro_batches=1``.
-4. ``TorchPipelineStrategy``: the same stages run by ``torch.distributed.pipelining``
-   (``PipelineStage`` + ``Schedule1F1B``), to compare against.
+4. ``TorchPipeline``: the same stages run by ``torch.distributed.pipelining``
+   (``PipelineStage`` + ``Schedule1F1B`` or ``ScheduleGPipe``), to compare against.
 5. Analysis of a run's timeline: ``bubble_fraction`` (idle time vs the theory ``(p-1)/(m+p-1)``)
    and ``peak_activations`` (how many micro-batches a stage keeps alive: GPipe ``m``, 1F1B at
    most ``p - stage``).
@@ -33,6 +33,7 @@ to complete, at the end of the step, is one "wait" event.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import pandas as pd
@@ -42,7 +43,6 @@ from torch import nn
 
 from labkit.data import shard_rows, split_micro_batches
 from labkit.model import GPT, count_params, lm_loss_sum
-from labkit.parallel.base import Strategy
 
 # The residual stream stays float32 even under bf16 autocast (x + f(x) promotes), so activations
 # and their gradients travel between stages in float32.
@@ -145,34 +145,46 @@ def one_f_one_b_order(n_micro: int, stage: int, n_stages: int) -> Order:
     return order
 
 
+# Hand-written schedules by name (the names are rows of labkit.parallel.presets.PP_SCHEDULES).
+ORDERS = {"gpipe": gpipe_order, "1f1b": one_f_one_b_order}
+
+
 # ---------------------------------------------------------------------------------------------
-# 3. The pipeline strategy, with schedules written by hand
+# 3. Running a schedule: this rank's stage of one pipeline of the mesh
 # ---------------------------------------------------------------------------------------------
 
 
-class PipelineStrategy(Strategy):
-    """One pipeline stage per rank; subclasses choose the schedule (``order``)."""
+class Pipeline:
+    """This rank's stage: cuts the model, runs the schedule, sends and receives activations.
 
-    name = "pp"
+    Built by the ``Strategy`` (which owns the module, its data-parallel wrapper and the
+    timeline). The neighbours are the ranks one stage up and down *in this rank's pipeline*:
+    same dp replica, same tp slice (``Mesh.peer``). With tensor parallelism every slice of a
+    stage holds the whole activation, so slice ``t`` sends to slice ``t`` of the next stage.
+    """
+
+    def __init__(self, strategy: Any, model: GPT) -> None:
+        self.s = strategy
+        mesh = strategy.mesh
+        self.n_stages, self.stage = mesh.size("pp"), mesh.local_rank("pp")
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.n_stages - 1
+        self.prev = mesh.peer("pp", self.stage - 1) if not self.is_first else None
+        self.next = mesh.peer("pp", self.stage + 1) if not self.is_last else None
+        self.group = mesh.group("pp")
+        self.width = model.cfg.d_model
+        self.bounds = stage_bounds(model, self.n_stages, strategy.cfg.pp_balance)
+        start, stop = self.bounds[self.stage]
+        self.stage_layer_names = model.layer_names()[start:stop]  # e.g. ["blocks.1", "head"]
+        keep_stage(model, start, stop)
+        self.order_fn = ORDERS.get(strategy.cfg.pp_schedule)
+        self._pending: list[tuple[Any, torch.Tensor]] = []  # isend works and their tensors
+
+    def start(self) -> None:
+        """Called once the module is wrapped (torch's schedules build their stage here)."""
 
     def order(self, n_micro: int) -> Order:
         """This stage's actions for ``n_micro`` micro-batches (see ``gpipe_order``)."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ placement
-    def setup(self) -> None:
-        """Cut the GPT, keep this rank's stage, remember the full model's state-dict keys."""
-        self.n_stages, self.stage = self.ctx.world_size, self.ctx.rank
-        self.is_first, self.is_last = self.stage == 0, self.stage == self.n_stages - 1
-        self.full_keys = list(self.module.state_dict())  # to order full_state_dict like GPT's
-        self.width = self.module.cfg.d_model
-        self.bounds = stage_bounds(self.module, self.n_stages, self.cfg.pp_balance)
-        start, stop = self.bounds[self.stage]
-        self.stage_layer_names = self.module.layer_names()[start:stop]  # e.g. ["blocks.1", "head"]
-        keep_stage(self.module, start, stop)
-        # Stages hold disjoint parameters, so the clipping norm combines all ranks' pieces.
-        self.clip_group = dist.group.WORLD if self.n_stages > 1 else None
-        self._pending: list[tuple[Any, torch.Tensor]] = []  # isend works and their tensors
+        return self.order_fn(n_micro, self.stage, self.n_stages)
 
     # ------------------------------------------------------------------ point-to-point
     def _send(self, tensor: torch.Tensor, dst: int, step: int, mb: int) -> None:
@@ -180,39 +192,42 @@ class PipelineStrategy(Strategy):
         # neighbours send to each other at the same time (activation one way, gradient the other),
         # which would deadlock. The tensor must stay alive until the send completes.
         tensor = tensor.detach().to(ACTIVATION_DTYPE).contiguous()
-        with self.timeline.span("send", step, mb):
+        with self.s.timeline.span("send", step, mb):
             work = dist.isend(tensor, dst)
         self._pending.append((work, tensor))
-        self.comm_bytes += tensor.numel() * tensor.element_size()
+        self.s.comm_bytes += tensor.numel() * tensor.element_size()
 
     def _recv(self, shape: tuple[int, ...], src: int, step: int, mb: int) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.ctx.device)
-        with self.timeline.span("recv", step, mb):  # includes waiting for the peer: the bubble
+        buffer = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.s.ctx.device)
+        with self.s.timeline.span("recv", step, mb):  # includes waiting for the peer: the bubble
             dist.recv(buffer, src)
         return buffer
 
     def _wait_sends(self, step: int) -> None:
         if self._pending:
-            with self.timeline.span("wait", step):
+            with self.s.timeline.span("wait", step):
                 for work, _ in self._pending:
                     work.wait()
         self._pending.clear()
 
     # ------------------------------------------------------------------ one step
     def forward_backward(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, step: int
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], scale: float, step: int
     ) -> torch.Tensor:
         """Run each grad-accum chunk through the pipeline in ``cfg.micro_batches`` pieces.
 
-        Every rank holds the whole batch (it is a pure function of seed and step): the first stage
-        reads the tokens, the last the targets, and all of them read the shapes. Returns this
-        rank's summed token loss: the real sum on the last stage, zero elsewhere.
+        Every rank holds its replica's rows (a pure function of seed and step): the first stage
+        reads the tokens, the last the targets, and all of them read the shapes. Each
+        micro-batch's loss is its sum times ``scale``. Only the step's last backward
+        synchronises gradients over dp; the others run under ``no_sync``. Returns this rank's
+        summed token loss: the real sum on the last stage, zero elsewhere.
         """
-        m = self.cfg.micro_batches
-        total = torch.zeros((), device=self.ctx.device)
+        m = self.s.cfg.micro_batches
+        total = torch.zeros((), device=self.s.ctx.device)
         for chunk, (x, y) in enumerate(micro_batches):
             pieces = split_micro_batches(x, y, m)
-            total += self.run_schedule(pieces, 1.0 / n_tokens, step, first_index=chunk * m)
+            last_chunk = chunk == len(micro_batches) - 1
+            total += self.run_schedule(pieces, scale, step, chunk * m, last_chunk)
         self._wait_sends(step)
         return total
 
@@ -222,11 +237,13 @@ class PipelineStrategy(Strategy):
         scale: float,
         step: int,
         first_index: int = 0,
+        sync_last: bool = True,
     ) -> torch.Tensor:
         """One pipeline flush: this stage's forwards and backwards in ``self.order`` order."""
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (input, output)
-        total = torch.zeros((), device=self.ctx.device)
-        for action, i in self.order(len(pieces)):
+        total = torch.zeros((), device=self.s.ctx.device)
+        actions = self.order(len(pieces))
+        for k, (action, i) in enumerate(actions):
             x, y = pieces[i]
             mb = first_index + i
             if action == "F":
@@ -235,7 +252,9 @@ class PipelineStrategy(Strategy):
                     total += saved[i][1].detach()
             else:
                 inp, out = saved.pop(i)  # popping frees this micro-batch's activations
-                self._backward(inp, out, scale, step, mb)
+                sync = sync_last and k == len(actions) - 1
+                with nullcontext() if sync else self.s.no_sync():
+                    self._backward(inp, out, scale, step, mb)
         return total
 
     def _activation_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
@@ -249,71 +268,54 @@ class PipelineStrategy(Strategy):
             inp = x
         else:
             # A leaf that requires grad: after the backward, inp.grad is what we send back.
-            inp = self._recv(self._activation_shape(x), self.stage - 1, step, mb).requires_grad_()
-        with self.timeline.span("forward", step, mb), self.autocast():
-            out = self.module(inp)
+            inp = self._recv(self._activation_shape(x), self.prev, step, mb).requires_grad_()
+        with self.s.timeline.span("forward", step, mb), self.s.autocast():
+            out = self.s.model(inp)
             if self.is_last:
                 out = lm_loss_sum(out, y)
         if not self.is_last:
-            self._send(out, self.stage + 1, step, mb)
+            self._send(out, self.next, step, mb)
         return inp, out
 
     def _backward(
         self, inp: torch.Tensor, out: torch.Tensor, scale: float, step: int, mb: int
     ) -> None:
-        """Backward one micro-batch; the loss is ``sum / n_tokens`` like base.forward_backward."""
+        """Backward one micro-batch; the loss is ``sum * scale`` like base.forward_backward."""
         grad = None
         if not self.is_last:
-            grad = self._recv(tuple(out.shape), self.stage + 1, step, mb)
-        with self.timeline.span("backward", step, mb):
+            grad = self._recv(tuple(out.shape), self.next, step, mb)
+        with self.s.timeline.span("backward", step, mb):
             if self.is_last:
-                self.backward(out * scale)
+                self.s.backward(out * scale)
             elif out.requires_grad:  # False only if everything up to here is frozen
                 torch.autograd.backward(out, grad)
         if not self.is_first:
             grad_in = inp.grad if inp.grad is not None else torch.zeros_like(inp)
-            self._send(grad_in, self.stage - 1, step, mb)
-
-    def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
-        """The last stage has the loss; broadcast it so every rank reports the same value."""
-        value = local_loss_sum.detach().clone()
-        dist.broadcast(value, src=self.n_stages - 1)
-        return float(value)
+            self._send(grad_in, self.prev, step, mb)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Validation loss: each batch flows forward through the stages; the last one scores it."""
+        device = self.s.ctx.device
         total, tokens = 0.0, 0
         for x, y in batches:
-            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            x, y = x.to(device), y.to(device)
             if self.is_first:
                 inp = x
             else:
-                shape = self._activation_shape(x)
-                inp = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.ctx.device)
-                dist.recv(inp, self.stage - 1)
-            with self.autocast():
-                out = self.module(inp)
+                inp = torch.empty(self._activation_shape(x), dtype=ACTIVATION_DTYPE, device=device)
+                dist.recv(inp, self.prev)
+            with self.s.autocast():
+                out = self.s.model(inp)
                 if self.is_last:
                     total += float(lm_loss_sum(out, y))
             if not self.is_last:
                 # Forward-only traffic flows one way, so a blocking send cannot deadlock.
-                dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.stage + 1)
+                dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.next)
             tokens += y.numel()
-        value = torch.tensor([total], dtype=torch.float64, device=self.ctx.device)
-        dist.broadcast(value, src=self.n_stages - 1)
+        value = torch.tensor([total], dtype=torch.float64, device=device)
+        dist.broadcast(value, group=self.group, group_src=self.n_stages - 1)
         return float(value) / tokens
-
-    # ------------------------------------------------------------------ state
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Gather every stage's tensors to rank 0, keyed and ordered as the full GPT's."""
-        local = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        parts: list[Any] | None = [None] * self.n_stages if self.stage == 0 else None
-        dist.gather_object(local, parts, dst=0)
-        if parts is None:
-            return None
-        merged = {k: v for part in parts for k, v in part.items()}
-        return {k: merged[k] for k in self.full_keys}
 
     def close(self) -> None:
         """Make sure no send is left in flight."""
@@ -322,32 +324,12 @@ class PipelineStrategy(Strategy):
         self._pending.clear()
 
 
-class GPipeStrategy(PipelineStrategy):
-    """``pp-gpipe``: all forwards, then all backwards."""
-
-    name = "pp-gpipe"
-
-    def order(self, n_micro: int) -> Order:
-        """See ``gpipe_order``."""
-        return gpipe_order(n_micro, self.stage, self.n_stages)
-
-
-class OneFOneBStrategy(PipelineStrategy):
-    """``pp-1f1b``: warm-up forwards, one-forward-one-backward, cool-down backwards."""
-
-    name = "pp-1f1b"
-
-    def order(self, n_micro: int) -> Order:
-        """See ``one_f_one_b_order``."""
-        return one_f_one_b_order(n_micro, self.stage, self.n_stages)
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. The same stages through torch.distributed.pipelining
 # ---------------------------------------------------------------------------------------------
 
 
-def _timed_stage(strategy: TorchPipelineStrategy, *args: Any, **kwargs: Any) -> Any:
+def _timed_stage(pipe: TorchPipeline, *args: Any, **kwargs: Any) -> Any:
     """torch's ``PipelineStage(*args, **kwargs)``, recording each forward and backward.
 
     The schedule drives the stage through ``forward_one_chunk`` / ``backward_one_chunk``, one
@@ -358,64 +340,62 @@ def _timed_stage(strategy: TorchPipelineStrategy, *args: Any, **kwargs: Any) -> 
     """
     from torch.distributed.pipelining import PipelineStage
 
+    timeline = pipe.s.timeline
+
     class TimedStage(PipelineStage):
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            mb = strategy.first_index + fwd_chunk_id
-            with strategy.timeline.span("forward", strategy.current_step, mb):
+            mb = pipe.first_index + fwd_chunk_id
+            with timeline.span("forward", pipe.current_step, mb):
                 return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            mb = strategy.first_index + bwd_chunk_id
-            with strategy.timeline.span("backward", strategy.current_step, mb):
+            mb = pipe.first_index + bwd_chunk_id
+            with timeline.span("backward", pipe.current_step, mb):
                 return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
 
     return TimedStage(*args, **kwargs)
 
 
-class TorchPipelineStrategy(PipelineStrategy):
-    """``pp-torch``: our stages, torch's ``Schedule1F1B`` and its send/recv.
+class TorchPipeline(Pipeline):
+    """``pp_schedule="torch-1f1b"`` / ``"torch-gpipe"``: our stages, torch's schedule and p2p.
 
-    torch's 1F1B needs ``micro_batches >= world_size`` (it raises otherwise). Its loss function
-    is ours: the micro-batch's summed cross-entropy divided by the global token count, and
-    ``scale_grads=False`` so torch does not divide the gradients by the number of micro-batches
-    again. Evaluation reuses the hand-written forward-only pass.
+    torch's schedules need ``micro_batches >= pp`` here. The loss function is ours: the
+    micro-batch's summed cross-entropy times the step's scale, and ``scale_grads=False`` so
+    torch does not divide the gradients by the number of micro-batches again. Evaluation
+    reuses the hand-written forward-only pass.
     """
 
-    name = "pp-torch"
+    def start(self) -> None:
+        """Wrap the (final) stage module for torch and build the schedule."""
+        from torch.distributed import pipelining
 
-    def setup(self) -> None:
-        """Cut the model as the hand-written pipeline does, then wrap the stage for torch."""
-        from torch.distributed.pipelining import Schedule1F1B
+        from labkit.parallel.presets import PP_SCHEDULES
 
-        super().setup()
-        cfg, m = self.cfg, self.cfg.micro_batches
-        if m < self.n_stages:
-            raise ValueError(
-                f"TrainConfig.micro_batches={m} is invalid: pp-torch uses torch's Schedule1F1B, "
-                f"which needs at least one micro-batch per stage (world_size={self.n_stages})"
-            )
-        rows = cfg.global_batch_size // cfg.grad_accum_steps // m
-        t, dev = self.module.cfg.block_size, self.ctx.device
+        s, cfg, m = self.s, self.s.cfg, self.s.cfg.micro_batches
+        schedule_cls = getattr(pipelining, PP_SCHEDULES[cfg.pp_schedule].torch_class)
+        rows = cfg.global_batch_size // cfg.dp // cfg.grad_accum_steps // m
+        t, dev = s.module.cfg.block_size, s.ctx.device
         # Example tensors of one micro-batch put torch's stage in its static mode: no shape
         # inference at the first step. They require grad where the real ones do (activations),
         # which tells torch that gradients flow back through them.
         act = torch.zeros(rows, t, self.width, dtype=ACTIVATION_DTYPE, device=dev)
         act.requires_grad_()
         tokens = torch.zeros(rows, t, dtype=torch.long, device=dev)
-        logits = torch.zeros(rows, t, self.module.cfg.vocab_size, device=dev, requires_grad=True)
+        logits = torch.zeros(rows, t, s.module.cfg.vocab_size, device=dev, requires_grad=True)
         self.current_step, self.first_index = 0, 0
         self._loss_sums: list[torch.Tensor] = []
         self._scale = 1.0
         self.pipe_stage = _timed_stage(
             self,
-            self.module,
+            s.model,
             self.stage,
             self.n_stages,
             dev,
             input_args=tokens if self.is_first else act,
             output_args=logits if self.is_last else act,
+            group=self.group,
         )
-        self.schedule = Schedule1F1B(
+        self.schedule = schedule_cls(
             self.pipe_stage, n_microbatches=m, loss_fn=self._loss_fn, scale_grads=False
         )
 
@@ -425,20 +405,26 @@ class TorchPipelineStrategy(PipelineStrategy):
         return loss_sum * self._scale
 
     def forward_backward(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, step: int
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], scale: float, step: int
     ) -> torch.Tensor:
         """One ``schedule.step`` per grad-accum chunk; torch splits it into micro-batches."""
-        self.current_step, self._scale = step, 1.0 / n_tokens
+        self.current_step, self._scale = step, scale
         self._loss_sums.clear()
         for chunk, (x, y) in enumerate(micro_batches):
-            self.first_index = chunk * self.cfg.micro_batches
+            self.first_index = chunk * self.s.cfg.micro_batches
             args = (x,) if self.is_first else ()
-            with self.autocast():
+            with self.s.autocast():
                 self.schedule.step(*args, target=y if self.is_last else None)
-        total = torch.zeros((), device=self.ctx.device)
+        total = torch.zeros((), device=self.s.ctx.device)
         for loss_sum in self._loss_sums:
             total += loss_sum
         return total
+
+
+def make_pipeline(strategy: Any, model: GPT) -> Pipeline:
+    """This rank's stage of ``model`` (pruned in place) run by ``cfg.pp_schedule``."""
+    cls = TorchPipeline if strategy.cfg.pp_schedule.startswith("torch-") else Pipeline
+    return cls(strategy, model)
 
 
 # ---------------------------------------------------------------------------------------------

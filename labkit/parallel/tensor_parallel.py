@@ -15,9 +15,10 @@ Read this file top to bottom:
    gets whole heads; the output projection row-parallel); **ParallelMLP** is fc column-parallel,
    proj row-parallel. Embeddings, layer norms and the head are replicated (not vocab-parallel):
    every rank computes them identically on the full batch.
-4. ``TensorParallelStrategy`` (``"tp"``): every rank consumes the full batch and computes the
-   same loss. Clipping needs care: the global norm counts sharded parameters summed across ranks
-   but replicated ones *once*, and replicated gradients must stay identical everywhere.
+4. ``apply_tensor_parallel`` swaps them into a GPT (or a pipeline stage of one). The ranks of a
+   tp group consume the same rows and compute the same loss. Clipping needs care: the global
+   norm counts sharded parameters summed across ranks but replicated ones *once*
+   (``labkit.parallel.base.Strategy.clip_pieces``).
 """
 
 from __future__ import annotations
@@ -31,14 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.clip import global_grad_norm
 from labkit.data import shard_rows
 from labkit.model import MLP, Attention
-from labkit.parallel.base import Strategy, ring_bytes
-
-# The clip methods that are exact under tensor parallelism. AGC is not: it clips each output
-# row of a weight by that row's norm, and a row-parallel weight's rows are split across ranks.
-TP_CLIP_METHODS = ("none", "norm", "value", "autoclip", "zclip")
 
 # Called after every all-reduce with (tensor, start perf_counter, end perf_counter).
 CommHook = Callable[[torch.Tensor, float, float], None]
@@ -234,121 +229,29 @@ class ParallelMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The strategy
+# 4. Putting it in a GPT
 # ---------------------------------------------------------------------------------------------
 
 
-class TensorParallelStrategy(Strategy):
-    """``tp``: attention and MLP split across all ranks; everything else replicated.
+def apply_tensor_parallel(
+    model: nn.Module, group: Any = None, on_comm: CommHook | None = None
+) -> dict[str, int]:
+    """Swap every block's attention and MLP for this rank's slices, in place.
 
-    Every rank trains on the whole batch and sees the same loss. ``comm_bytes`` counts what a
-    ring all-reduce sends per rank, ``2 (p-1)/p`` times the tensor's bytes. The "allreduce"
-    timeline events are nested inside the forward and backward events that issue them.
+    Blocks a pipeline stage does not hold (``nn.Identity`` placeholders) are skipped. Returns
+    the sharded parameters' names and the dimension each is split along; every other
+    parameter (embeddings, layer norms, row-parallel biases, the head) is replicated: every
+    rank of ``group`` computes it identically on the full batch, so its gradient is the same
+    everywhere and enters the global clipping norm once (see ``Strategy.clip_pieces``).
     """
-
-    nested_comm = True  # the all-reduces block inside forward and backward
-
-    name = "tp"
-
-    def setup(self) -> None:
-        """Swap each block's attention and MLP for their parallel versions."""
-        self.group = dist.group.WORLD
-        self.tp_size, self.tp_rank = dist.get_world_size(), dist.get_rank()
-        self.full_keys = list(self.module.state_dict())
-        self._step, self._recording = 0, True
-        for block in self.module.blocks:
-            block.attn = ParallelAttention(block.attn, self.group, self._on_comm)
-            block.mlp = ParallelMLP(block.mlp, self.group, self._on_comm)
-        # name -> dimension it is split along, for every sharded parameter
-        self.shard_dims: dict[str, int] = {
-            f"{module_name}.{param_name}": dim
-            for module_name, module in self.module.named_modules()
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
-            for param_name, dim in module.shard_dims.items()
-            if getattr(module, param_name) is not None
-        }
-        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        self.sharded = [p for n, p in named if n in self.shard_dims]
-        self.replicated = [p for n, p in named if n not in self.shard_dims]
-        self.clip_group = self.group
-
-    def _on_comm(self, tensor: torch.Tensor, start: float, end: float) -> None:
-        if not self._recording:
-            return
-        nbytes = tensor.numel() * tensor.element_size()
-        self.comm_bytes += ring_bytes(nbytes, self.tp_size, "allreduce")
-        t0 = self.timeline.t0
-        self.timeline.add("allreduce", self._step, -1, start - t0, end - t0)
-
-    def forward_backward(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, step: int
-    ) -> torch.Tensor:
-        """The single-process loop: the all-reduces happen inside the layers."""
-        self._step = step
-        return super().forward_backward(micro_batches, n_tokens, step)
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Validation loss (every rank computes it in full); its all-reduces are not recorded."""
-        self._recording = False
-        try:
-            return super().evaluate(batches)
-        finally:
-            self._recording = True
-
-    # ------------------------------------------------------------------ clipping
-    def _norm_params(self) -> list[nn.Parameter]:
-        """Parameters whose gradients make up the global norm when combined over the group.
-
-        Every rank contributes its shards; the replicated parameters (the same on every rank)
-        are contributed by rank 0 only, so they are counted once.
-        """
-        return self.sharded + (self.replicated if self.tp_rank == 0 else [])
-
-    def clip_gradients(self, clipper: Any) -> torch.Tensor:
-        """Clip by the global norm: shards summed across ranks, replicated parameters once.
-
-        The clipper runs on ``_norm_params()``, so on ranks other than 0 it leaves the
-        replicated gradients alone; those are then copied from rank 0, which keeps every
-        replica identical (needed anyway: they must take identical optimizer steps).
-        """
-        if clipper.method not in TP_CLIP_METHODS:
-            raise ValueError(
-                f"TrainConfig.clip={clipper.method!r} is not supported with strategy='tp': "
-                f"allowed: {', '.join(repr(m) for m in TP_CLIP_METHODS)}"
-            )
-        norm = clipper(self._norm_params(), group=self.group)
-        if clipper.method != "none":
-            self._broadcast_replicated_grads()
-        return norm
-
-    def _broadcast_replicated_grads(self) -> None:
-        grads = [p.grad for p in self.replicated if p.grad is not None]
-        if not grads or self.tp_size == 1:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one message instead of dozens
-        dist.broadcast(flat, src=0, group=self.group)
-        if self.tp_rank == 0:
-            self.comm_bytes += flat.numel() * flat.element_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def grad_norm(self) -> torch.Tensor:
-        """Global 2-norm of the current gradients, replicated parameters counted once."""
-        return global_grad_norm(self._norm_params(), group=self.group)
-
-    # ------------------------------------------------------------------ state
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The dense GPT's state dict on rank 0: each sharded tensor's pieces concatenated."""
-        state = self.module.state_dict()
-        full: dict[str, torch.Tensor] = {}
-        for key in self.full_keys:
-            tensor = state[key].detach().contiguous()
-            if key in self.shard_dims:
-                pieces = [torch.empty_like(tensor) for _ in range(self.tp_size)]
-                dist.all_gather(pieces, tensor, group=self.group)
-                tensor = torch.cat(pieces, dim=self.shard_dims[key])
-            full[key] = tensor.cpu().clone()
-        return full if self.tp_rank == 0 else None
+    for block in getattr(model, "blocks", []):
+        if isinstance(getattr(block, "attn", None), Attention):
+            block.attn = ParallelAttention(block.attn, group, on_comm)
+            block.mlp = ParallelMLP(block.mlp, group, on_comm)
+    return {
+        f"{module_name}.{param_name}": dim
+        for module_name, module in model.named_modules()
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        for param_name, dim in module.shard_dims.items()
+        if getattr(module, param_name) is not None
+    }

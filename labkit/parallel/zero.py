@@ -241,7 +241,9 @@ class Zero1Strategy(BucketedDPStrategy):
     def make_optimizer(self) -> torch.optim.Optimizer:
         """A ``ShardedOptimizer`` around the configured optimizer."""
         cls, kwargs = self.cfg.optimizer_spec()
-        self.optimizer = ShardedOptimizer(self.trainable_parameters(), cls, **kwargs)
+        self.optimizer = ShardedOptimizer(
+            self.trainable_parameters(), cls, group=self.dp_group, **kwargs
+        )
         self.optimizer.exchange_span = self._exchange_span
         self._step = 0
         return self.optimizer
@@ -272,10 +274,9 @@ class FSDPStrategy(DataParallelStrategy):
     gradients are reduce-scattered (averaged) at the end of backward. Works on CPU with Gloo.
 
     * Clipping: each rank holds disjoint pieces of the gradients (``DTensor`` shards), so the
-      local pieces are clipped with ``group=`` the mesh's process group: every rank combines the
-      pieces' norms into the same global norm.
+      local pieces are clipped with the norm combined over dp (``grads_sharded``).
     * Accumulation: ``set_requires_gradient_sync(False)`` on all but the last micro-batch.
-    * ``full_state_dict`` gathers a full CPU state dict on rank 0
+    * ``replica_state_dict`` gathers the full parameters over dp
       (``torch.distributed.checkpoint.state_dict``); checkpoints hold each rank's local shards.
     * ``comm_bytes`` is computed from the sharding plan (FSDP's collectives are internal): per
       micro-batch an all-gather of every parameter for forward and of the blocks' for backward
@@ -285,19 +286,22 @@ class FSDPStrategy(DataParallelStrategy):
 
     name = "fsdp"
 
+    grads_sharded = True
+
     def setup(self) -> None:
         """Shard each block, then the root (which takes the embedding and the head)."""
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        broadcast_module(self.module)  # shards are cut from each rank's copy: make them agree
-        self.mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
-        blocks = list(getattr(self.module, "blocks", []))
+        # Shards are cut from each rank's copy: make the replicas agree first.
+        broadcast_module(self.module, self.dp_group)
+        self.dp_mesh = self.mesh.dim_mesh("dp")
+        blocks = [
+            b for b in getattr(self.module, "blocks", []) if any(True for _ in b.parameters())
+        ]
         for block in blocks:
-            fully_shard(block, mesh=self.mesh)
-        fully_shard(self.module, mesh=self.mesh)
+            fully_shard(block, mesh=self.dp_mesh)
+        fully_shard(self.module, mesh=self.dp_mesh)
         self.model = self.module
-        self.clip_group = self.mesh.get_group()
 
         def nbytes(params: Iterable[nn.Parameter]) -> int:
             return sum(p.numel() * p.element_size() for p in params)
@@ -327,28 +331,20 @@ class FSDPStrategy(DataParallelStrategy):
             self._scatter_bytes, n, "reduce_scatter"
         )
 
-    def _local_pieces(self) -> list[torch.Tensor]:
+    def clip_pieces(self) -> list[tuple[torch.Tensor, bool]]:
         """This rank's shards as plain tensors whose ``.grad`` is its gradient shard.
 
         They share storage with the DTensors, so clipping them in place clips the real
-        gradients; any clipper of ``labkit.clip`` takes them with ``group=self.clip_group``.
+        gradients; the norm combines them over dp (and over pp and tp, as for any mesh).
         """
         pieces = []
-        for p in self.trainable_parameters():
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
             piece = p.detach().to_local()
             piece.grad = None if p.grad is None else p.grad.to_local()
-            pieces.append(piece)
+            pieces.append((piece, name not in self.tp_shard_dims))
         return pieces
-
-    def clip_gradients(self, clipper: Any) -> torch.Tensor:
-        """Clip the local shards by the global norm (combined across the mesh)."""
-        return clipper(self._local_pieces(), group=self.clip_group)
-
-    def grad_norm(self) -> torch.Tensor:
-        """The global 2-norm of the sharded gradients."""
-        from labkit.clip import global_grad_norm
-
-        return global_grad_norm(self._local_pieces(), group=self.clip_group)
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's shards, as plain tensors (keyed like the model's state dict)."""
@@ -363,14 +359,12 @@ class FSDPStrategy(DataParallelStrategy):
         for k, v in self.module.state_dict().items():
             (v.to_local() if hasattr(v, "to_local") else v).copy_(state[k])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Gather the full model on rank 0 (CPU, unwrapped names); None on the other ranks."""
+    def replica_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All-gather this stage's (or slice's) parameters over dp, on CPU, with GPT's names."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(full_state_dict=True)
         state = get_model_state_dict(self.module, options=options)
-        if self.ctx.rank != 0:
-            return None
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
