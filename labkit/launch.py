@@ -77,15 +77,16 @@ def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[st
     """Train on this rank and gather every rank's rows to rank 0 (which returns them)."""
     t0 = shared_clock(ctx)
     out = train(cfg, ctx, on_step=on_step, t0=t0)
-    payload = (out.metrics, out.timeline, out.layer_norms)
+    payload = (out.metrics, out.timeline, out.layer_norms, out.memory)
     gathered: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
     dist.gather_object(payload, gathered if ctx.rank == 0 else None, dst=0)
     if ctx.rank != 0:
         return None
     return {
-        "metrics": [row for m, _, _ in gathered for row in m],
-        "timeline": [row for _, t, _ in gathered for row in t],
-        "layer_norms": [row for _, _, n in gathered for row in n],
+        "metrics": [row for m, _, _, _ in gathered for row in m],
+        "timeline": [row for _, t, _, _ in gathered for row in t],
+        "layer_norms": [row for _, _, n, _ in gathered for row in n],
+        "memory": [mem for _, _, _, mem in gathered],
         "info": out.info,
         "state": out.state,
     }
@@ -207,6 +208,7 @@ def run_single(
         "metrics": out.metrics,
         "timeline": out.timeline,
         "layer_norms": out.layer_norms,
+        "memory": [out.memory],
         "state": out.state,
     }
     return RunResult.from_ranks(cfg, payload, info)

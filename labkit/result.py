@@ -20,6 +20,8 @@ class RunResult:
     grad_norm_clipped, step_time_s, tokens_per_s``; ``grad_norm`` is the global norm before clipping.
     ``timeline``: measured events ``rank, step, micro_batch, phase, start_s, end_s``.
     ``layer_norms``: ``step, rank, name, grad_norm`` per parameter (with ``layer_norms=True``).
+    ``memory``: one row per rank, bytes measured from the storages it held: ``params_bytes``
+    (at the end) and ``peak_params_bytes`` (the most parameter storage alive at once).
     """
 
     config: TrainConfig
@@ -28,6 +30,7 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
     logs: dict[int, str] = field(default_factory=dict)
     layer_norms: pd.DataFrame = field(default_factory=pd.DataFrame)
+    memory: pd.DataFrame = field(default_factory=pd.DataFrame)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -50,8 +53,11 @@ class RunResult:
         if len(tl):
             tl = tl.sort_values(["rank", "start_s"], kind="stable").reset_index(drop=True)
         norms = pd.DataFrame(payload["layer_norms"], columns=["step", "rank", "name", "grad_norm"])
+        memory = pd.DataFrame(payload.get("memory") or [])
+        if len(memory):
+            memory = memory.sort_values("rank").reset_index(drop=True)
         state = payload["state"] or {}
-        return cls(config, frame, tl, info, logs or {}, norms, state)
+        return cls(config, frame, tl, info, logs or {}, norms, memory, state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained model's parameters and buffers on CPU, keyed as ``GPT.state_dict()``."""

@@ -47,6 +47,7 @@ class RankOutput:
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
     layer_norms: list[tuple[int, int, str, float]] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # this rank's measured bytes
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -285,10 +286,11 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "threads": torch.get_num_threads(),
         }
+        memory = {"rank": self.ctx.rank, **self.strategy.memory_stats()}
         state = self.strategy.full_state_dict()
         self.strategy.close()
         timeline = list(self.strategy.timeline.rows)
-        return RankOutput(self.metrics, timeline, info, state, self.layer_norms)
+        return RankOutput(self.metrics, timeline, info, state, self.layer_norms, memory)
 
 
 def train(

@@ -277,25 +277,42 @@ class Strategy:
         local = self.replica_state_dict()
         if self.mesh.size("pp") == 1 and self.mesh.size("tp") == 1:
             return local if self.ctx.rank == 0 else None
-        part = (self.mesh.local_rank("tp"), local) if self.dp_rank == 0 else None
+        # Each part carries its own split dims: rank 0's stage does not know the others' layers.
+        part = (
+            (self.mesh.local_rank("tp"), local, self.tp_shard_dims) if self.dp_rank == 0 else None
+        )
         parts: list[Any] | None = [None] * self.mesh.world_size if self.ctx.rank == 0 else None
         dist.gather_object(part, parts, dst=0)
         if parts is None:
             return None
         slices: dict[str, dict[int, torch.Tensor]] = {}
+        split_dims: dict[str, int] = {}
         for entry in parts:
             if entry is not None:
-                tp_rank, state = entry
+                tp_rank, state, dims = entry
+                split_dims.update(dims)
                 for key, tensor in state.items():
                     slices.setdefault(key, {})[tp_rank] = tensor
         full = {}
         for key in self.full_keys:
             pieces = slices[key]
-            if key in self.tp_shard_dims:
-                full[key] = torch.cat([pieces[r] for r in sorted(pieces)], self.tp_shard_dims[key])
+            if key in split_dims:
+                full[key] = torch.cat([pieces[r] for r in sorted(pieces)], split_dims[key])
             else:
                 full[key] = pieces[min(pieces)]
         return full
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes of parameter storage this rank holds now and at its peak (measured storages)."""
+        storages = {
+            p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for p in self._local_params()
+        }
+        total = sum(storages.values())
+        return {"params_bytes": total, "peak_params_bytes": total}
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
 
     def close(self) -> None:
         """Release hooks or communication resources."""

@@ -82,14 +82,14 @@ DP_IMPLS: dict[str, DataParallelImpl] = {
         ),
         DataParallelImpl(
             "zero2",
-            "labkit.parallel.zero",
+            "labkit.parallel.sharded",
             "Zero2Strategy",
             True,
             "gradients reduce-scattered, optimizer state sharded (ZeRO-2 by hand)",
         ),
         DataParallelImpl(
             "zero3",
-            "labkit.parallel.zero",
+            "labkit.parallel.sharded",
             "Zero3Strategy",
             True,
             "parameters sharded too, gathered one module at a time (ZeRO-3 by hand)",
