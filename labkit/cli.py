@@ -28,6 +28,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog's table printed as written."""
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -73,6 +77,8 @@ CHOICES = {
     "nonfinite": C.NONFINITE,
     "precision": C.PRECISIONS,
     "strategy": C.STRATEGIES,
+    "dp_impl": C.DP_IMPLS,
+    "pp_schedule": C.PP_SCHEDULES,
     "backend": C.BACKENDS,
     "device": C.DEVICES,
     "pp_balance": C.PP_BALANCE,
@@ -82,7 +88,8 @@ CHOICES = {
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, f.name)
+        # Mesh fields left unset are derived from the others: their flag defaults to unset too.
+        default = None if f.name in C.DERIVED_FIELDS else getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if "bool" in kind:
@@ -108,10 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``labkit`` command."""
     parser = _Parser(prog="labkit", description="Train and benchmark with labkit.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from labkit.parallel.presets import describe
+
     train = sub.add_parser(
         "train",
         help="train a model with any strategy",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog="strategies (presets over the dp x pp x tp mesh; or set --dp/--pp/--tp):\n"
+        + describe(),
     )
     _add_config_flags(train)
     train.add_argument("--csv", default="labkit-metrics.csv", help="where to write the metrics")
@@ -133,7 +144,10 @@ def _train(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        given = {k: v for k, v in vars(args).items() if k in fields}
+        cfg = TrainConfig(
+            **{k: v for k, v in given.items() if not (k in C.DERIVED_FIELDS and v is None)}
+        )
         check_output_file(args.csv, "--csv")  # before training, not after it
         if _under_torchrun():
             result = run_under_torchrun(cfg)
@@ -154,7 +168,7 @@ def _train(args: argparse.Namespace) -> int:
     val = result.metrics[result.metrics["rank"] == 0].dropna(subset=["val_loss"])
     val_text = " -> ".join(f"{v:.3f} (step {s + 1})" for s, v in zip(val.step, val.val_loss))
     print(
-        f"\n{cfg.strategy} x{cfg.world_size}, {cfg.steps} steps in "
+        f"\n{cfg.label}, {cfg.steps} steps in "
         f"{result.info.get('wall_s', 0):.1f} s: training loss {first:.3f} -> {last:.3f}; "
         f"validation loss {val_text}; metrics written to {args.csv}"
     )

@@ -146,7 +146,7 @@ def _launch_many(
     counter = Counter()  # rank 0 writes its step count here
     bar = Progress(
         sum(c.stop_after or c.steps for c in configs),
-        desc or " + ".join(f"{c.strategy} x{c.world_size}" for c in configs),
+        desc or " + ".join(c.label for c in configs),
         disable=not progress,
     )
 

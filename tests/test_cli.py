@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
+
+from labkit.cli import main
 
 
 def _labkit(*args, cwd):
@@ -68,3 +71,14 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert "\r" not in proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.startswith("single:")]
     assert lines and lines[-1].startswith("single: 40/40 steps"), proc.stderr
+
+
+def test_help_lists_every_preset_from_the_one_table(capsys):
+    from labkit.parallel.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert f"{name}  " in text and preset.summary in text, name
+    assert "--dp DP" in text and "--dp-impl DP_IMPL" in text and "zero3" in text
