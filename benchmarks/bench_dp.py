@@ -78,7 +78,7 @@ def _interleaved_worker(
 
 def interleaved_steps(common: dict[str, Any], steps: int, skip: int) -> pd.DataFrame:
     """One row per steady step: both step times (slowest rank) and their ratio."""
-    from labkit.parallel.collectives import spawn
+    from labkit.lessons.collectives import spawn
 
     threads = max(1, (common.get("threads") or os.cpu_count() or 2) // 2)
     per_rank = spawn(_interleaved_worker, 2, (common, steps), timeout_s=600, threads=threads)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import labkit
-from labkit.parallel.pipeline import bubble_fraction, peak_activations
+from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
 from labkit.perf import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import WorkerError
-from labkit.parallel.collectives import bus_bandwidth, ring_all_reduce, run_collectives_demo, spawn
+from labkit.lessons.collectives import bus_bandwidth, ring_all_reduce, run_collectives_demo, spawn
 
 RING_WORLD = 3
 SIZES = [1, 2, 3, 5, 7, 10, 64, 1001]  # 1, 2 < world size; 5, 7, 10, 64, 1001 not divisible by 3

@@ -5,10 +5,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from labkit.lessons.clipping import DeepNet
 from labkit.model import (
     GPT,
     PRESETS,
-    DeepNet,
     build_gpt,
     count_params,
     flops_per_token,

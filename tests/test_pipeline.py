@@ -16,12 +16,11 @@ import torch
 
 import labkit
 from labkit import checkpoint as ckpt
+from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
 from labkit.parallel.pipeline import (
-    bubble_fraction,
     gpipe_order,
     keep_stage,
     one_f_one_b_order,
-    peak_activations,
     split_by_cost,
     split_by_layers,
     stage_bounds,

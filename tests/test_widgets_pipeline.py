@@ -19,7 +19,7 @@ from labkit.lessons.pipeline import (  # noqa: E402
     stage_table,
     sweep_table,
 )
-from labkit.parallel.pipeline import bubble_fraction, peak_activations  # noqa: E402
+from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations  # noqa: E402
 from labkit.plots import figure_signature  # noqa: E402
 from labkit.plots.pipeline import (  # noqa: E402
     plot_bubble_sweep,

@@ -39,7 +39,6 @@ from labkit.clip import (
     per_layer_grad_norms,
     snapshot_grads,
 )
-from labkit.model import DeepNet
 
 __all__ = [
     "DirectionComparison",
@@ -58,6 +57,32 @@ __all__ = [
     "train_deepnet",
     "value_for_norm",
 ]
+
+
+class DeepNet(nn.Module):
+    """A deep plain tanh MLP (no normalisation, no residuals) whose gradients explode.
+
+    With weights drawn at ``gain`` times the 1/sqrt(fan_in) scale and ``gain > 1``, a tanh network
+    is in the "chaotic" regime (Poole et al. 2016): activations stay bounded, but each layer
+    multiplies the backward signal, so layers near the input get gradients orders of magnitude
+    larger than those near the output: the clipping lesson's patient.
+    """
+
+    def __init__(self, depth: int = 24, width: int = 64, d_in: int = 16, gain: float = 3.0) -> None:
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.out = nn.Linear(width, 1)
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=gain / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.out(x)
 
 
 @contextmanager

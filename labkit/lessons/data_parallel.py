@@ -28,8 +28,8 @@ import torch.distributed as dist
 import labkit
 from labkit.config import TrainConfig
 from labkit.launch import spawn
-from labkit.parallel import zero
-from labkit.parallel.collectives import allreduce_benchmark, exchange, ring_all_reduce
+from labkit.lessons import memory as zero
+from labkit.lessons.collectives import allreduce_benchmark, exchange, ring_all_reduce
 from labkit.result import RunResult
 from labkit.schedules import scale_lr_linear
 from labkit.timeline import COMM_PHASES, covered, merge_intervals

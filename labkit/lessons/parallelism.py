@@ -498,7 +498,7 @@ def _resident_bytes(trainer: Any) -> dict[str, int]:
     gradient synchronisation) on the next batch, then count distinct storages.
     """
     from labkit.data import global_batch, split_micro_batches
-    from labkit.parallel.zero import measure_memory
+    from labkit.lessons.memory import measure_memory
 
     s, cfg = trainer.strategy, trainer.cfg
     x, y = global_batch(
@@ -563,7 +563,7 @@ def measure_strategies(
     through the same training loop as ``labkit.run``, with the same config (``TrainConfig``
     fields in ``config``; ``micro_batches``, 2 by default, applies to the pipeline only).
     One row per (strategy, rank): ``params_bytes``, ``grads_bytes``, ``optimizer_bytes`` (held
-    while the gradients are present, ``labkit.parallel.zero.measure_memory``), ``total_bytes``,
+    while the gradients are present, ``labkit.lessons.memory.measure_memory``), ``total_bytes``,
     ``comm_bytes`` (what the strategy counted per step, median over the steps after the first),
     ``step_time_s`` and the last ``loss``. Configs are validated before any process starts.
     """

@@ -1,7 +1,7 @@
 """Helpers for notebook 04, pipeline parallelism: the demonstrations around the real pipeline.
 
-The pipeline itself (stage cutting, the GPipe and 1F1B schedules, the timeline analysis) lives in
-``labkit.parallel.pipeline``; everything that trains goes through the one training loop. What
+The pipeline itself (stage cutting, the GPipe and 1F1B schedules) lives in
+``labkit.parallel.pipeline``, the timeline analysis in ``labkit.lessons.pipeline_timeline``; everything that trains goes through the one training loop. What
 lives here is the set-up of each demonstration, so that the notebook cells stay one line each:
 
 1. ``PIPELINE``: the run settings the notebook shares, and ``stage_table``: which layers (and how
@@ -22,15 +22,9 @@ from typing import Any
 import pandas as pd
 
 from labkit.config import TrainConfig
+from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
 from labkit.model import count_params
-from labkit.parallel.pipeline import (
-    Order,
-    bubble_fraction,
-    gpipe_order,
-    one_f_one_b_order,
-    peak_activations,
-    stage_bounds,
-)
+from labkit.parallel.pipeline import Order, gpipe_order, one_f_one_b_order, stage_bounds
 from labkit.result import RunResult
 
 __all__ = [

@@ -10,8 +10,8 @@ stage       sharded across N ranks     bytes per rank (fp32, Adam; Psi = paramet
 ==========  =========================  =====================================================
 DP          nothing                    (4 + 4 + 8) Psi
 ZeRO-1      optimizer state            (4 + 4 + 8/N) Psi          ``ShardedOptimizer`` here
-ZeRO-2      + gradients                (4 + (4 + 8)/N) Psi
-ZeRO-3      + parameters               16 Psi / N                 torch FSDP2 ``fully_shard``
+ZeRO-2      + gradients                (4 + (4 + 8)/N) Psi        ``labkit.parallel.sharded``
+ZeRO-3      + parameters               16 Psi / N                 ``sharded``; torch FSDP2 here
 ==========  =========================  =====================================================
 
 This file has, top to bottom:
@@ -20,8 +20,9 @@ This file has, top to bottom:
    the parameters, keeps optimizer state for those only, updates them, and broadcasts them.
 2. ``Zero1Strategy`` (``zero1``): bucketed gradient averaging plus ``ShardedOptimizer``.
 3. ``FSDPStrategy`` (``fsdp``): torch's FSDP2, each transformer block and the root sharded.
-4. ``zero_memory_formula`` and ``memory_per_rank``: the paper's formulas next to the bytes each
-   rank really holds, as DataFrames for the notebook.
+
+ZeRO-2 and ZeRO-3 by hand are in ``labkit.parallel.sharded``; the paper's memory formulas and
+the measured bytes per rank, for the notebooks, in ``labkit.lessons.memory``.
 """
 
 from __future__ import annotations
@@ -38,16 +39,13 @@ from labkit.parallel.base import ring_bytes
 from labkit.parallel.data_parallel import BucketedDPStrategy, DataParallelStrategy, broadcast_module
 
 if TYPE_CHECKING:
-    import pandas as pd
     from torch.distributed import ProcessGroup
 
 __all__ = [
     "FSDPStrategy",
     "ShardedOptimizer",
     "Zero1Strategy",
-    "measure_memory",
     "partition_by_size",
-    "zero_memory_formula",
 ]
 
 
@@ -366,84 +364,3 @@ class FSDPStrategy(DataParallelStrategy):
         options = StateDictOptions(full_state_dict=True)
         state = get_model_state_dict(self.module, options=options)
         return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Memory per rank: the paper's formulas and the measured bytes
-# ---------------------------------------------------------------------------------------------
-
-# Which ZeRO stage each strategy is.
-PAPER_STAGE = {
-    "single": "DP",
-    "dp-naive": "DP",
-    "dp-bucketed": "DP",
-    "ddp": "DP",
-    "zero1": "ZeRO-1",
-    "fsdp": "ZeRO-3",
-}
-
-
-def zero_memory_formula(
-    n_params: int,
-    world_size: int,
-    *,
-    param_bytes: int = 4,
-    grad_bytes: int = 4,
-    optimizer_bytes: int = 8,
-) -> pd.DataFrame:
-    """Bytes per rank for parameters, gradients and optimizer state at each ZeRO stage.
-
-    The defaults are fp32 training with Adam (two fp32 moments per parameter); the paper's own
-    table uses mixed precision (2 + 2 + 12 bytes).
-    """
-    import pandas as pd
-
-    psi, n = n_params, world_size
-    shard = {
-        "DP": (1, 1, 1),
-        "ZeRO-1": (1, 1, n),
-        "ZeRO-2": (1, n, n),
-        "ZeRO-3": (n, n, n),
-    }
-    rows = []
-    for stage, (dp, dg, do) in shard.items():
-        p, g, o = param_bytes * psi / dp, grad_bytes * psi / dg, optimizer_bytes * psi / do
-        rows.append(
-            {
-                "stage": stage,
-                "world_size": n,
-                "params_bytes": p,
-                "grads_bytes": g,
-                "optimizer_bytes": o,
-                "total_bytes": p + g + o,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
-    storages: dict[int, int] = {}
-    for t in tensors:
-        if hasattr(t, "to_local"):  # a DTensor: this rank holds its local piece
-            t = t.to_local()
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state, right now.
-
-    Counts distinct storages, so gradients that are views of a bucket count as the bucket, and
-    a sharded parameter counts its (padded) local shard. Transient buffers (FSDP's all-gathered
-    parameters during forward, DDP's internal bucket copies) are not included.
-    """
-    params = list(model.parameters())
-    inner = optimizer.optim if isinstance(optimizer, ShardedOptimizer) else optimizer
-    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {
-        "params_bytes": _storage_bytes(params),
-        "grads_bytes": _storage_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer_bytes": _storage_bytes(state),
-    }

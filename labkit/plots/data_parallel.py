@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from labkit.parallel.zero import zero_memory_formula
+from labkit.lessons.memory import zero_memory_formula
 from labkit.plots.common import new_figure
 from labkit.plots.training import rank0
 from labkit.timeline import COMM_PHASES

@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from labkit.parallel.pipeline import bubble_fraction
+from labkit.lessons.pipeline_timeline import bubble_fraction
 from labkit.plots.common import new_figure
 
 __all__ = [

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 import labkit
 from labkit.lessons.pipeline import PIPELINE
-from labkit.parallel.pipeline import bubble_fraction, peak_activations
+from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
 from labkit.plots.pipeline import plot_pipeline_try
 from labkit.result import RunResult
 from labkit.widgets.common import Panel, show_figure

@@ -1,0 +1,98 @@
+"""Memory per rank under ZeRO: the paper's formulas, and the bytes a rank really holds.
+
+``zero_memory_formula`` is the ZeRO paper's table for any parameter count and world size;
+``measure_memory`` counts the distinct storages a rank holds for parameters, gradients and
+optimizer state. The notebooks put the two side by side (formula = prediction, storages =
+measurement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from labkit.parallel.zero import ShardedOptimizer
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["PAPER_STAGE", "measure_memory", "zero_memory_formula"]
+
+# Which ZeRO stage each strategy is.
+PAPER_STAGE = {
+    "single": "DP",
+    "dp-naive": "DP",
+    "dp-bucketed": "DP",
+    "ddp": "DP",
+    "zero1": "ZeRO-1",
+    "fsdp": "ZeRO-3",
+}
+
+
+def zero_memory_formula(
+    n_params: int,
+    world_size: int,
+    *,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    optimizer_bytes: int = 8,
+) -> pd.DataFrame:
+    """Bytes per rank for parameters, gradients and optimizer state at each ZeRO stage.
+
+    The defaults are fp32 training with Adam (two fp32 moments per parameter); the paper's own
+    table uses mixed precision (2 + 2 + 12 bytes).
+    """
+    import pandas as pd
+
+    psi, n = n_params, world_size
+    shard = {
+        "DP": (1, 1, 1),
+        "ZeRO-1": (1, 1, n),
+        "ZeRO-2": (1, n, n),
+        "ZeRO-3": (n, n, n),
+    }
+    rows = []
+    for stage, (dp, dg, do) in shard.items():
+        p, g, o = param_bytes * psi / dp, grad_bytes * psi / dg, optimizer_bytes * psi / do
+        rows.append(
+            {
+                "stage": stage,
+                "world_size": n,
+                "params_bytes": p,
+                "grads_bytes": g,
+                "optimizer_bytes": o,
+                "total_bytes": p + g + o,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        if hasattr(t, "to_local"):  # a DTensor: this rank holds its local piece
+            t = t.to_local()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state, right now.
+
+    Counts distinct storages, so gradients that are views of a bucket count as the bucket, and
+    a sharded parameter counts its (padded) local shard. Transient buffers (FSDP's all-gathered
+    parameters during forward, DDP's internal bucket copies) are not included.
+    """
+    params = list(model.parameters())
+    inner = optimizer.optim if isinstance(optimizer, ShardedOptimizer) else optimizer
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "params_bytes": _storage_bytes(params),
+        "grads_bytes": _storage_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer_bytes": _storage_bytes(state),
+    }
