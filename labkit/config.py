@@ -489,7 +489,9 @@ class TrainConfig:
         """A short name for the run's parallelism: ``"ddp x2"``, ``"dp2 x pp2 (zero3, 1f1b)"``."""
         if self.strategy != "mesh":
             return self.strategy if self.world_size == 1 else f"{self.strategy} x{self.world_size}"
-        dims = " x ".join(f"{d}{n}" for d, n in self.mesh_shape.items() if n > 1)
+        dims = " x ".join(
+            f"{d}{getattr(self, d)}" for d in ("dp", "pp", "tp") if getattr(self, d) > 1
+        )
         how = [self.dp_impl] if self.dp > 1 else []
         how += [self.pp_schedule] if self.pp > 1 else []
         return f"{dims} ({', '.join(how)})" if how else dims

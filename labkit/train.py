@@ -197,7 +197,7 @@ class Trainer:
         cfg, s, step = self.cfg, self.strategy, self.step
         _inject_fault(cfg, self.ctx.rank, step)
         t_start = time.perf_counter()
-        s.comm_bytes = 0
+        s.bytes_sent = dict.fromkeys(s.bytes_sent, 0)
         x, y = global_batch(
             self.corpus.train,
             seed=cfg.seed,
@@ -258,6 +258,7 @@ class Trainer:
             "compute_s": compute_s,
             "comm_s": comm_s,
             "comm_bytes": s.comm_bytes,
+            **{f"comm_bytes_{dim}": n for dim, n in s.bytes_sent.items()},
             "val_loss": float("nan"),
         }
 

@@ -52,7 +52,7 @@ def _output_texts(output: dict[str, Any]) -> list[str]:
 
 def test_the_workshop_notebooks_exist() -> None:
     names = {p.name for p in NOTEBOOKS}
-    assert {"00_tour.ipynb", "06_capstone.ipynb"} <= names, sorted(names)
+    assert {"00_tour.ipynb", "07_capstone.ipynb"} <= names, sorted(names)
 
 
 @pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

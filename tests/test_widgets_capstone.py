@@ -1,4 +1,4 @@
-"""The capstone panel of notebook 06, without a browser: set controls, run, the table grows."""
+"""The capstone panel of notebook 07, without a browser: set controls, run, the table grows."""
 
 from __future__ import annotations
 

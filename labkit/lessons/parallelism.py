@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.config import TrainConfig
-from labkit.model import GPT, PRESETS, count_params, model_config
+from labkit.model import GPT, count_params, model_config
 from labkit.result import RunResult
 
 __all__ = [
@@ -302,18 +302,23 @@ def tp_breakdown(result: RunResult, skip: int = 1) -> pd.DataFrame:
 
 
 def feasibility(model: str, world_size: int) -> dict[str, str]:
-    """Why a strategy cannot split ``model`` over ``world_size`` ranks (strategy -> reason)."""
-    preset, reasons = PRESETS[model], {}
-    if world_size > preset.n_layer + 2:
-        reasons["pp-gpipe"] = (
-            f"PP: {model!r} has only {preset.n_layer + 2} layers (embedding, "
-            f"{preset.n_layer} blocks, head) to give to {world_size} stages"
-        )
-    if preset.n_head % world_size:
-        reasons["tp"] = (
-            f"TP: {model!r} has n_head={preset.n_head}, which {world_size} ranks cannot share "
-            "evenly (each rank takes whole heads)"
-        )
+    """Why a strategy cannot split ``model`` over ``world_size`` ranks (strategy -> reason).
+
+    The reasons are TrainConfig's own validation errors (the rules live in one place).
+    """
+    reasons = {}
+    for name in STRATEGIES:
+        extra = {"micro_batches": world_size} if name.startswith("pp-") else {}
+        try:
+            TrainConfig(
+                model=model,
+                strategy=name,
+                world_size=world_size,
+                global_batch_size=4 * world_size,
+                **extra,
+            )
+        except ValueError as err:
+            reasons[name] = f"{STRATEGY_LABELS[name]}: {str(err).removeprefix('TrainConfig.')}"
     return reasons
 
 

@@ -74,7 +74,7 @@ class Strategy:
         self.cfg = cfg
         self.ctx = ctx
         self.timeline = Timeline(ctx.rank, enabled=cfg.timeline)
-        self.comm_bytes = 0  # bytes this rank sent in the current step
+        self.bytes_sent = dict.fromkeys(("dp", "pp", "tp"), 0)  # this step, per mesh dimension
         self.scaler: torch.amp.GradScaler | None = None
         shape = cfg.mesh_shape if ctx.distributed else dict.fromkeys(cfg.mesh_shape, 1)
         self.mesh = Mesh(shape, ctx.rank if ctx.distributed else 0, ctx.device.type)
@@ -98,6 +98,15 @@ class Strategy:
         self.clip_group: Any = self.mesh.group("pp", "tp", *(("dp",) if self.grads_sharded else ()))
         if self.pipe is not None:
             self.pipe.start()
+
+    def sent(self, dim: str, nbytes: int) -> None:
+        """Count ``nbytes`` this rank sent over mesh dimension ``dim`` in the current step."""
+        self.bytes_sent[dim] += int(nbytes)
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes this rank sent in the current step, over every dimension."""
+        return sum(self.bytes_sent.values())
 
     # ------------------------------------------------------------------ placement
     def setup(self) -> None:
@@ -181,8 +190,9 @@ class Strategy:
         """Tensor parallelism's all-reduces, recorded where they ran (not during evaluation)."""
         if not self._recording:
             return
-        self.comm_bytes += ring_bytes(
-            tensor.numel() * tensor.element_size(), self.mesh.size("tp"), "allreduce"
+        self.sent(
+            "tp",
+            ring_bytes(tensor.numel() * tensor.element_size(), self.mesh.size("tp"), "allreduce"),
         )
         t0 = self.timeline.t0
         self.timeline.add("allreduce", self._step, -1, start - t0, end - t0)

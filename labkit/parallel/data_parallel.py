@@ -324,7 +324,7 @@ class NaiveDPStrategy(DataParallelStrategy):
         """All-reduce every gradient (one ``allreduce`` span)."""
         with self.timeline.span("allreduce", step):
             self.dp.finish_grad_sync()
-        self.comm_bytes += ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce")
+        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce"))
 
 
 class BucketedDPStrategy(DataParallelStrategy):
@@ -354,7 +354,7 @@ class BucketedDPStrategy(DataParallelStrategy):
         for _, start, end in self.dp.bucket_times:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self.dp.bucket_times.clear()
-        self.comm_bytes += ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce")
+        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce"))
 
     def close(self) -> None:
         """Remove the gradient hooks."""
@@ -416,4 +416,4 @@ class DDPStrategy(DataParallelStrategy):
         for start, end in self._spans:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self._spans.clear()
-        self.comm_bytes += ring_bytes(self._grad_bytes, self.dp_size, "allreduce")
+        self.sent("dp", ring_bytes(self._grad_bytes, self.dp_size, "allreduce"))

@@ -193,7 +193,7 @@ class Pipeline:
         with self.s.timeline.span("send", step, mb):
             work = dist.isend(tensor, dst)
         self._pending.append((work, tensor))
-        self.s.comm_bytes += tensor.numel() * tensor.element_size()
+        self.s.sent("pp", tensor.numel() * tensor.element_size())
 
     def _recv(self, shape: tuple[int, ...], src: int, step: int, mb: int) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.s.ctx.device)

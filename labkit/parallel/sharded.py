@@ -219,7 +219,7 @@ class _ShardedDP(DataParallelStrategy):
     def _finish(self, flat: FlatParam) -> None:
         flat.finish()
         self._spans.append(("reduce_scatter", flat.started, time.perf_counter()))
-        self.comm_bytes += ring_bytes(flat.full_nbytes, flat.world, "reduce_scatter")
+        self.sent("dp", ring_bytes(flat.full_nbytes, flat.world, "reduce_scatter"))
 
     def params_bytes(self) -> int:
         """Bytes of parameter storage alive on this rank right now (measured, not computed)."""
@@ -302,7 +302,7 @@ class Zero2Strategy(_ShardedDP):
         start = time.perf_counter()
         for flat in self.flats:
             flat.refresh()
-            self.comm_bytes += ring_bytes(flat.full_nbytes, flat.world, "allgather")
+            self.sent("dp", ring_bytes(flat.full_nbytes, flat.world, "allgather"))
         t0 = self.timeline.t0
         self.timeline.add("allgather", self._step, -1, start - t0, time.perf_counter() - t0)
 
@@ -343,7 +343,7 @@ class Zero3Strategy(_ShardedDP):
         for flat in unit:
             if not flat.gathered:
                 flat.gather()
-                self.comm_bytes += ring_bytes(flat.full_nbytes, flat.world, "allgather")
+                self.sent("dp", ring_bytes(flat.full_nbytes, flat.world, "allgather"))
         self.peak_params_bytes = max(self.peak_params_bytes, self.params_bytes())
         if self._recording:
             t0 = self.timeline.t0

@@ -256,7 +256,7 @@ class Zero1Strategy(BucketedDPStrategy):
         with self.timeline.span("broadcast", self._step):
             yield
         # Each rank broadcasts its shard: together an all-gather of the parameters.
-        self.comm_bytes += ring_bytes(self.optimizer.param_bytes, self.dp_size, "allgather")
+        self.sent("dp", ring_bytes(self.optimizer.param_bytes, self.dp_size, "allgather"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +325,10 @@ class FSDPStrategy(DataParallelStrategy):
         """FSDP reduce-scattered during backward; count the bytes of the plan."""
         n = self.dp_size
         gather = ring_bytes(self._gather_bytes, n, "allgather")
-        self.comm_bytes += self.cfg.grad_accum_steps * gather + ring_bytes(
-            self._scatter_bytes, n, "reduce_scatter"
+        self.sent(
+            "dp",
+            self.cfg.grad_accum_steps * gather
+            + ring_bytes(self._scatter_bytes, n, "reduce_scatter"),
         )
 
     def clip_pieces(self) -> list[tuple[torch.Tensor, bool]]:

@@ -1,4 +1,4 @@
-"""Figures for notebook 06, the capstone. Every function takes data and returns a Figure.
+"""Figures for notebook 07, the capstone. Every function takes data and returns a Figure.
 
 * ``plot_wall_breakdown``: where the wall time of each run went: start-up and evaluation versus
   the training steps themselves.

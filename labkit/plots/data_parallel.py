@@ -183,7 +183,7 @@ def plot_timeline(result: Any, step: int | None = None, title: str | None = None
     fig, ax = new_figure(width=8.0, height=1.5 + 1.1 * result.config.world_size)
     drawn = draw_timeline(ax, result.timeline, step)
     cfg = result.config
-    fig.suptitle(title or f"{cfg.strategy}, {cfg.model} GPT: step {drawn} on every rank")
+    fig.suptitle(title or f"{cfg.label}, {cfg.model} GPT: step {drawn} on every rank")
     return fig
 
 

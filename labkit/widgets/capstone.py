@@ -1,4 +1,4 @@
-"""The capstone panel of notebook 06: reach a target validation loss in the least wall time.
+"""The capstone panel of notebook 07: reach a target validation loss in the least wall time.
 
 Every knob of the lab is a control: strategy, world size, learning rate, schedule, warm-up,
 clipping, batch size and steps. Press Run: the panel trains through ``labkit.run`` (real worker
