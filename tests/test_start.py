@@ -130,6 +130,10 @@ def test_two_torchrun_agents_with_a_c10d_rendezvous_train_like_single(tmp_path):
     assert "ddp x2" in text, text  # the summary names the world torchrun started
     state = torch.load(ck / "step-0000003" / "rank0.pt", weights_only=True)["model"]
     single = labkit.run(progress=False, **TINY).state_dict()
+    # The project's criterion (RunResult.compare): per tensor ||a - b|| / ||a|| <= 1e-5. An
+    # element-wise check is flaky here: torchrun sets OMP_NUM_THREADS=1, the reference runs
+    # with more threads, and Adam turns the last-bit differences of near-zero gradients into
+    # element differences of ~1e-6 (seen on this machine, with the code before and after).
     for name, value in single.items():
-        got = state[name]
-        assert torch.allclose(got, value, rtol=1e-5, atol=1e-7), name
+        rel = (state[name] - value).norm() / value.norm().clamp_min(1e-12)
+        assert rel <= 1e-5, (name, float(rel))

@@ -18,7 +18,7 @@ import pandas as pd
 import labkit
 from labkit.config import TrainConfig
 from labkit.parallel.mesh import group_ranks, mesh_coords
-from labkit.parallel.presets import DIMS
+from labkit.parallel.presets import DIMS, DP_IMPLS
 
 __all__ = ["MESH_RUN", "collectives_table", "compare_meshes", "mesh_shapes"]
 
@@ -71,17 +71,18 @@ def collectives_table(cfg: TrainConfig, rank: int) -> pd.DataFrame:
             {
                 "dimension": dim,
                 "size": shape[dim],
-                "ranks with rank {}".format(rank): " ".join(map(str, group)),
+                f"ranks with rank {rank}": " ".join(map(str, group)),
                 "what travels": TRAFFIC[dim] if shape[dim] > 1 else "(nothing: size 1)",
             }
         )
-    clip_dims = tuple(d for d in DIMS if shape[d] > 1 and (d != "dp" or cfg.dp_impl in SHARDED))
+    sharded = DP_IMPLS[cfg.dp_impl].shards_grads
+    clip_dims = tuple(d for d in DIMS if shape[d] > 1 and (d != "dp" or sharded))
     group = next((g for g in group_ranks(shape, clip_dims) if rank in g), [rank])
     rows.append(
         {
             "dimension": "clip norm",
             "size": len(group),
-            "ranks with rank {}".format(rank): " ".join(map(str, group)),
+            f"ranks with rank {rank}": " ".join(map(str, group)),
             "what travels": "one number: the squared norm of this rank's gradient pieces",
         }
     )
@@ -90,15 +91,6 @@ def collectives_table(cfg: TrainConfig, rank: int) -> pd.DataFrame:
         .set_index("dimension")
         .rename_axis(f"rank {rank} at {mesh_coords(rank, shape)}")
     )
-
-
-SHARDED = ("zero2", "zero3", "fsdp")
-
-
-def _label(shape: dict[str, int], extra: dict[str, Any]) -> str:
-    dims = " x ".join(f"{d}{shape[d]}" for d in ("dp", "pp", "tp") if shape[d] > 1) or "single"
-    how = ", ".join(str(v) for k, v in extra.items() if k in ("dp_impl", "pp_schedule"))
-    return f"{dims} ({how})" if how else dims
 
 
 def compare_meshes(
@@ -125,12 +117,12 @@ def compare_meshes(
         configs.append(TrainConfig(**{**settings, **extra, **mesh}))
     results = labkit.run_many(configs, progress=progress, desc="meshes")
     rows = []
-    for mesh, cfg, result in zip(meshes, configs, results, strict=True):
+    for cfg, result in zip(configs, results, strict=True):
         m = result.metrics
         steady = m[m["step"] > m["step"].min()] if m["step"].nunique() > 1 else m
         per_rank = steady.groupby("rank")
         row = {
-            "label": _label(cfg.mesh_shape, mesh),
+            "label": cfg.label,
             "step_ms": 1e3 * per_rank["step_time_s"].median().max(),
             "params_MiB": result.memory["peak_params_bytes"].max() / 2**20,
         }

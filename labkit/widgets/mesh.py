@@ -42,7 +42,9 @@ class MeshPanel(Panel):
         self.mesh = widgets.Dropdown(
             options=[(_name(s), s) for s in shapes], value=shapes[0], description="mesh"
         )
-        self.dp_impl = widgets.Dropdown(options=list(DP_IMPLS), value="bucketed", description="dp as")
+        self.dp_impl = widgets.Dropdown(
+            options=list(DP_IMPLS), value="bucketed", description="dp as"
+        )
         self.button = widgets.Button(description="train", button_style="primary")
         self.button.on_click(lambda _: self.run())
         self.status = widgets.HTML()
