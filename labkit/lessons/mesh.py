@@ -17,6 +17,7 @@ import pandas as pd
 
 import labkit
 from labkit.config import TrainConfig
+from labkit.launch import run_many
 from labkit.parallel.mesh import group_ranks, mesh_coords
 from labkit.parallel.presets import DIMS, DP_IMPLS
 
@@ -103,7 +104,7 @@ def compare_meshes(
     """Train each mesh (a dict of dp, pp, tp and optionally dp_impl, pp_schedule) and measure it.
 
     All meshes share the world size, so they run one after another in the same processes
-    (``labkit.run_many``). One row per mesh: ``label``, ``step_ms`` (median over the steps after
+    (``labkit.launch.run_many``). One row per mesh: ``label``, ``step_ms`` (median over the steps after
     the first, slowest rank), ``params_MiB`` (peak parameter storage of the fullest rank,
     measured), ``dp_KB``, ``pp_KB``, ``tp_KB`` (bytes the busiest rank sent per step over each
     dimension, counted where labkit calls torch.distributed) and, with a single-process
@@ -115,7 +116,7 @@ def compare_meshes(
     for mesh in meshes:
         extra = {"micro_batches": 2} if mesh.get("pp", 1) > 1 else {}
         configs.append(TrainConfig(**{**settings, **extra, **mesh}))
-    results = labkit.run_many(configs, progress=progress, desc="meshes")
+    results = run_many(configs, progress=progress, desc="meshes")
     rows = []
     for cfg, result in zip(configs, results, strict=True):
         m = result.metrics

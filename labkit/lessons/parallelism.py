@@ -252,20 +252,19 @@ def tp_comm_formula(
 ) -> list[int]:
     """Bytes each rank sends per optimizer step under ``tp``, by formula (one entry per rank).
 
+    ``clip`` is accepted for compatibility and changes nothing (see below).
+
     Per block, forward: ``g`` after the attention and after the MLP all-reduces an activation
     ``[B, T, d]``; backward: ``f`` before them all-reduces its gradient, same size. That is 4 ring
-    all-reduces per block, each sending ``2 (N-1)/N * B T d * 4`` bytes. With clipping, rank 0 also
-    broadcasts the gradients of the replicated parameters, so that the replicas stay identical.
+    all-reduces per block, each sending ``2 (N-1)/N * B T d * 4`` bytes. Clipping adds one scalar
+    all-reduce (the norm), not counted: the replicated parameters' gradients are identical on
+    every rank and every rank clips them by the same norm, so they need no broadcast.
     """
     cfg = _gpt_config(model, vocab_size)
     activation = global_batch_size * cfg.block_size * cfg.d_model * 4
     ring = 2 * (world_size - 1) / world_size
     per_rank = int(4 * cfg.n_layer * ring * activation)
-    replicated = sum(
-        p.numel() for n, p in _meta_gpt(model, vocab_size).named_parameters() if not _tp_sharded(n)
-    )
-    rank0_extra = 4 * replicated if clip and world_size > 1 else 0
-    return [per_rank + (rank0_extra if r == 0 else 0) for r in range(world_size)]
+    return [per_rank] * world_size
 
 
 def tp_breakdown(result: RunResult, skip: int = 1) -> pd.DataFrame:
@@ -418,8 +417,7 @@ def comm_formula(
       the gradients: ``(N-1)/N * 4 (Psi + Psi_blocks + Psi)``.
     * PP: a stage sends its output activations forward (``A``, unless it is the last) and the
       gradient of its input backward (``A``, unless it is the first).
-    * TP: ``tp_comm_formula``: 4 all-reduces of ``A`` per block, plus rank 0's broadcast of the
-      replicated gradients when clipping.
+    * TP: ``tp_comm_formula``: 4 all-reduces of ``A`` per block.
 
     One row per (strategy, rank) with ``comm_bytes``; infeasible strategies are left out.
     """

@@ -45,6 +45,11 @@ PHASE_COLORS = {
     "optimizer": "C2",
     "allreduce": "C3",
     "broadcast": "C4",
+    "allgather": "C6",
+    "reduce_scatter": "C9",
+    "send": "C5",
+    "recv": "C8",
+    "wait": "C7",
 }
 MB = 1 << 20
 
