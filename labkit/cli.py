@@ -76,6 +76,7 @@ CHOICES = {
     "clip": C.CLIP_METHODS,
     "nonfinite": C.NONFINITE,
     "precision": C.PRECISIONS,
+    "recompute": C.RECOMPUTE,
     "strategy": C.STRATEGIES,
     "dp_impl": C.DP_IMPLS,
     "pp_schedule": C.PP_SCHEDULES,

@@ -27,6 +27,7 @@ NORMS = ("pre", "post")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 NONFINITE = ("skip", "raise")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "full", "selective")
 # Strategy names, data-parallel flavours and pipeline schedules: one table, in parallel.presets.
 STRATEGIES = P.STRATEGIES
 DP_IMPLS = tuple(P.DP_IMPLS)
@@ -109,6 +110,9 @@ class TrainConfig:
     zclip_warmup_steps: int = 25
     nonfinite: str = "skip"
     precision: str = "fp32"
+    # Activation recomputation per transformer block: keep nothing inside a block and recompute
+    # it in backward ("full"), or recompute only attention ("selective").
+    recompute: str = "none"
     # Parallelism.
     # A preset name (labkit.parallel.presets), or None: "single", or "mesh" when dp/pp/tp are set.
     strategy: str | None = None
@@ -212,6 +216,7 @@ class TrainConfig:
         self._check_choice("clip", CLIP_METHODS)
         self._check_choice("nonfinite", NONFINITE)
         self._check_choice("precision", PRECISIONS)
+        self._check_choice("recompute", RECOMPUTE)
         self._check_choice("backend", BACKENDS)
         self._check_choice("device", DEVICES)
         self._check_choice("pp_balance", PP_BALANCE)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,39 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class _Keeps(torch.autograd.Function):
+    """Identity on ``out`` that saves ``x`` for backward: the memory checkpoint keeps anyway.
+
+    Checkpointing holds a block's input outside autograd's saved tensors, where a
+    ``saved_tensors_hooks`` meter cannot see it; saving it here (no copy, the same storage)
+    makes ``RunResult.memory`` count it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def _keeps(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _Keeps.apply(out, x)
+
+
 class Block(nn.Module):
-    """One transformer block; ``norm`` picks pre-LN or post-LN residuals."""
+    """One transformer block; ``norm`` picks pre-LN or post-LN residuals.
+
+    ``recompute`` (set by the trainer from ``TrainConfig.recompute``): ``"full"`` keeps only the
+    block's input for backward and runs the block again there; ``"selective"`` does that for
+    the attention sub-layer only (its scores are large and cheap to recompute). Both use
+    non-reentrant ``torch.utils.checkpoint``: the same operations on the same values, so the
+    gradients are the same as without it.
+    """
+
+    recompute = "none"
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -126,10 +159,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return _keeps(checkpoint(self._forward, x, use_reentrant=False), x)
+        return self._forward(x)
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpoint(self.attn, x, use_reentrant=False)
+        return self.attn(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm == "pre":
-            x = x + self.attn(self.ln1(x))
+            x = x + self._attention(self.ln1(x))
             return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x))
+        x = self.ln1(x + self._attention(x))
         return self.ln2(x + self.mlp(x))
 
 

@@ -13,6 +13,7 @@ One optimizer step, in order:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from labkit.parallel.base import DistContext, Strategy
 # Validation batches hold this many sequences whatever the training batch, so runs with different
 # batch sizes are measured on the same held-out text (cfg.eval_batches of them).
 VAL_BATCH_SIZE = 16
+# Steps at the start of a run whose memory is measured (saved-tensor hooks cost a little).
+MEASURED_STEPS = 2
 
 
 @dataclass
@@ -57,6 +60,8 @@ def build_model(cfg: TrainConfig) -> GPT:
         cfg.model, vocab_size=corpus.vocab_size, norm=cfg.norm, block_size=cfg.block_size
     )
     model = build_gpt(mcfg, cfg.seed)
+    for block in model.blocks:
+        block.recompute = cfg.recompute
     names = [n for n, _ in model.named_parameters()]
     for prefix in cfg.freeze:
         matched = [n for n in names if n.startswith(prefix)]
@@ -127,6 +132,7 @@ class Trainer:
             block_size=self.model_cfg.block_size,
         )
         self.step = 0
+        self._measured = 0  # steps whose memory was measured
         self.skipped = 0
         self.run_id: str | None = None  # identity of this run's checkpoints (rank 0 sets it)
         self.metrics: list[dict[str, Any]] = []
@@ -210,7 +216,11 @@ class Trainer:
         x, y = x[rows].to(s.ctx.device), y[rows].to(s.ctx.device)
         micro = split_micro_batches(x, y, cfg.grad_accum_steps)
 
-        local_loss = s.forward_backward(micro, n_tokens, step)
+        # Memory is measured on the first steps of a run (every step has the same shapes), so
+        # the hooks cost nothing afterwards. Step 1 is the first with optimizer state.
+        measure = self._measured < MEASURED_STEPS
+        with s.activation_meter if measure else contextlib.nullcontext():
+            local_loss = s.forward_backward(micro, n_tokens, step)
         s.finish_grad_sync(step)
 
         with s.timeline.span("optimizer", step):
@@ -221,6 +231,9 @@ class Trainer:
                     self.layer_norms.append((step, self.ctx.rank, name, value))
             norm = float(s.clip_gradients(self.clipper))
             clipped = float(s.grad_norm())
+            if measure:  # gradients and optimizer state both exist right before the step
+                s.note_state_bytes(self.optimizer)
+                self._measured += 1
             lr = self.optimizer.param_groups[0]["lr"]
             finite = math.isfinite(norm)
             if not finite and cfg.nonfinite == "raise":

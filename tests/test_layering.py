@@ -1,6 +1,6 @@
 """The core's layers, checked from the source: who may import whom.
 
-``labkit/parallel`` imports config, data, model, clip, timeline and itself, never the launcher,
+``labkit/parallel`` imports config, data, model, clip, timeline, memory and itself, never the launcher,
 the trainer or anything a notebook uses; the process supervisor imports nothing of labkit; no
 core module imports the notebook-facing packages (lessons, widgets, plots, exercises).
 """
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "labkit"
 NOTEBOOK_FACING = ("lessons", "widgets", "plots", "exercises")
-PARALLEL_MAY_IMPORT = ("parallel", "config", "data", "model", "clip", "timeline")
+PARALLEL_MAY_IMPORT = ("parallel", "config", "data", "model", "clip", "timeline", "memory")
 
 
 def labkit_imports(path: Path) -> set[str]:

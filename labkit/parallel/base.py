@@ -19,6 +19,7 @@ from torch import nn
 
 from labkit.clip import GradPieces, global_grad_norm
 from labkit.data import shard_rows
+from labkit.memory import SavedTensorMeter, state_bytes, storage_bytes
 from labkit.model import GPT, lm_loss_sum
 from labkit.timeline import Timeline
 
@@ -80,6 +81,8 @@ class Strategy:
         self.mesh = Mesh(shape, ctx.rank if ctx.distributed else 0, ctx.device.type)
         self.full_keys = list(model.state_dict())  # to order full_state_dict like GPT's
         self._step, self._recording = 0, True
+        self.activation_meter = SavedTensorMeter()
+        self._state_bytes = {"grads_bytes": 0, "optimizer_bytes": 0}
         self.pipe: Any = None
         if self.mesh.size("pp") > 1:
             from labkit.parallel.pipeline import make_pipeline
@@ -312,17 +315,36 @@ class Strategy:
                 full[key] = pieces[min(pieces)]
         return full
 
-    def memory_stats(self) -> dict[str, int]:
-        """Bytes of parameter storage this rank holds now and at its peak (measured storages)."""
-        storages = {
-            p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-            for p in self._local_params()
-        }
-        total = sum(storages.values())
+    def note_state_bytes(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure gradient and optimizer-state bytes now (the trainer calls it before a step)."""
+        now = state_bytes(self.trainable_parameters(), optimizer)
+        for key, value in now.items():
+            self._state_bytes[key] = max(self._state_bytes[key], value)
+
+    def params_memory(self) -> dict[str, int]:
+        """Bytes of parameter storage now and at the peak (subclasses that gather track it)."""
+        total = storage_bytes(self.module.parameters())
         return {"params_bytes": total, "peak_params_bytes": total}
 
-    def _local_params(self) -> list[torch.Tensor]:
-        return [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
+    def memory_stats(self) -> dict[str, int]:
+        """This rank's measured bytes: parameters (now, peak), gradients, optimizer state,
+        activations saved for backward (peak), and ``peak_bytes``.
+
+        ``peak_bytes`` is the CUDA allocator's peak on a GPU; on CPU, where no allocator keeps
+        one, the sum of the categories' peaks (an upper bound: they need not peak together).
+        """
+        stats = {**self.params_memory(), **self._state_bytes}
+        stats["activations_bytes"] = self.activation_meter.peak
+        if self.ctx.device.type == "cuda":
+            stats["peak_bytes"] = torch.cuda.max_memory_allocated(self.ctx.device)
+        else:
+            stats["peak_bytes"] = (
+                stats["peak_params_bytes"]
+                + stats["grads_bytes"]
+                + stats["optimizer_bytes"]
+                + stats["activations_bytes"]
+            )
+        return stats
 
     def close(self) -> None:
         """Release hooks or communication resources."""

@@ -263,7 +263,7 @@ class _ShardedDP(DataParallelStrategy):
         """The gradient shards; the norm combines them over dp (and pp, tp)."""
         return [(flat.shard, flat.replicated) for flat in self.flats]
 
-    def memory_stats(self) -> dict[str, int]:
+    def params_memory(self) -> dict[str, int]:
         """Parameter bytes now and at the peak, as the storages measured them."""
         return {"params_bytes": self.params_bytes(), "peak_params_bytes": self.peak_params_bytes}
 
