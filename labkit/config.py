@@ -141,6 +141,10 @@ class TrainConfig:
     stop_after: int | None = None
     progress: bool = True
     timeline: bool = True
+    # Record every step with torch.profiler: one trace per rank (RunResult.trace_files, opens in
+    # Perfetto), and the timeline's communication spans taken from what the backend ran.
+    profile: bool = False
+    trace_dir: str | None = None  # where traces go (default: a new temporary directory)
     layer_norms: bool = False  # record every parameter's pre-clip gradient norm each step
     # Fault injection for the fault-tolerance lesson and tests: "raise:RANK:STEP" or "kill:RANK:STEP".
     fault: str | None = None
@@ -264,13 +268,17 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
         if self.warmup_steps > self.steps:
             _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
-        for name in ("resume", "overwrite", "progress", "timeline", "layer_norms"):
+        for name in ("resume", "overwrite", "progress", "timeline", "layer_norms", "profile"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
         if self.checkpoint_dir is not None and (
             not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip()
         ):
             _fail("checkpoint_dir", self.checkpoint_dir, "must be a directory path (a string)")
+        if self.trace_dir is not None and (
+            not isinstance(self.trace_dir, str) or not self.trace_dir.strip()
+        ):
+            _fail("trace_dir", self.trace_dir, "must be a directory path (a string)")
         if self.resume and not self.checkpoint_dir:
             _fail("resume", self.resume, "needs checkpoint_dir to resume from")
         if self.resume and self.overwrite:

@@ -77,16 +77,17 @@ def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[st
     """Train on this rank and gather every rank's rows to rank 0 (which returns them)."""
     t0 = shared_clock(ctx)
     out = train(cfg, ctx, on_step=on_step, t0=t0)
-    payload = (out.metrics, out.timeline, out.layer_norms, out.memory)
+    payload = (out.metrics, out.timeline, out.layer_norms, out.memory, out.trace_file)
     gathered: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
     dist.gather_object(payload, gathered if ctx.rank == 0 else None, dst=0)
     if ctx.rank != 0:
         return None
     return {
-        "metrics": [row for m, _, _, _ in gathered for row in m],
-        "timeline": [row for _, t, _, _ in gathered for row in t],
-        "layer_norms": [row for _, _, n, _ in gathered for row in n],
-        "memory": [mem for _, _, _, mem in gathered],
+        "metrics": [row for m, *_ in gathered for row in m],
+        "timeline": [row for _, t, *_ in gathered for row in t],
+        "layer_norms": [row for _, _, n, *_ in gathered for row in n],
+        "memory": [part[3] for part in gathered],
+        "trace_files": [part[4] for part in gathered if part[4]],
         "info": out.info,
         "state": out.state,
     }
@@ -209,6 +210,7 @@ def run_single(
         "timeline": out.timeline,
         "layer_norms": out.layer_norms,
         "memory": [out.memory],
+        "trace_files": [out.trace_file] if out.trace_file else [],
         "state": out.state,
     }
     return RunResult.from_ranks(cfg, payload, info)

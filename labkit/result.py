@@ -21,7 +21,9 @@ class RunResult:
     ``timeline``: measured events ``rank, step, micro_batch, phase, start_s, end_s``.
     ``layer_norms``: ``step, rank, name, grad_norm`` per parameter (with ``layer_norms=True``).
     ``memory``: one row per rank, bytes measured from the storages it held: ``params_bytes``
-    (at the end) and ``peak_params_bytes`` (the most parameter storage alive at once).
+    (at the end) and ``peak_params_bytes`` (the most parameter storage alive at once),
+    ``grads_bytes``, ``optimizer_bytes``, ``activations_bytes`` (saved for backward, peak) and
+    ``peak_bytes``. ``trace_files``: one torch.profiler trace per rank (``profile=True``).
     """
 
     config: TrainConfig
@@ -31,6 +33,7 @@ class RunResult:
     logs: dict[int, str] = field(default_factory=dict)
     layer_norms: pd.DataFrame = field(default_factory=pd.DataFrame)
     memory: pd.DataFrame = field(default_factory=pd.DataFrame)
+    trace_files: list[str] = field(default_factory=list)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -57,7 +60,8 @@ class RunResult:
         if len(memory):
             memory = memory.sort_values("rank").reset_index(drop=True)
         state = payload["state"] or {}
-        return cls(config, frame, tl, info, logs or {}, norms, memory, state)
+        traces = list(payload.get("trace_files") or [])
+        return cls(config, frame, tl, info, logs or {}, norms, memory, traces, state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained model's parameters and buffers on CPU, keyed as ``GPT.state_dict()``."""

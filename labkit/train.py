@@ -18,9 +18,11 @@ import math
 import os
 import random
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from labkit.data import global_batch, load_corpus, split_micro_batches, validati
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
 from labkit.parallel import make_strategy
 from labkit.parallel.base import DistContext, Strategy
+from labkit.timeline import COMM_PHASES
 
 # Validation batches hold this many sequences whatever the training batch, so runs with different
 # batch sizes are measured on the same held-out text (cfg.eval_batches of them).
@@ -51,6 +54,7 @@ class RankOutput:
     state: dict[str, torch.Tensor] | None = None
     layer_norms: list[tuple[int, int, str, float]] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)  # this rank's measured bytes
+    trace_file: str | None = None  # this rank's profiler trace (TrainConfig.profile)
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -281,16 +285,10 @@ class Trainer:
         if cfg.resume:
             self.load_checkpoint()
         end = cfg.stop_after if cfg.stop_after is not None else cfg.steps
-        while self.step < end:
-            row = self.train_step()
-            last = self.step == cfg.steps
-            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                row["val_loss"] = self.strategy.evaluate(self.val)
-            self.metrics.append(row)
-            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
-                self.save_checkpoint()
-            if on_step is not None:
-                on_step(self.step)
+        profiler = self._profiler() if cfg.profile else contextlib.nullcontext()
+        with profiler:
+            self._loop(end, on_step)
+        trace_file = self._use_profiled_comm(profiler) if cfg.profile else None
         info = {
             "n_params": self.n_params,
             "flops_per_token": self.flops_per_token,
@@ -304,7 +302,48 @@ class Trainer:
         state = self.strategy.full_state_dict()
         self.strategy.close()
         timeline = list(self.strategy.timeline.rows)
-        return RankOutput(self.metrics, timeline, info, state, self.layer_norms, memory)
+        return RankOutput(self.metrics, timeline, info, state, self.layer_norms, memory, trace_file)
+
+    def _loop(self, end: int, on_step: Callable[[int], None] | None) -> None:
+        """Steps, evaluations and checkpoints up to step ``end``."""
+        cfg = self.cfg
+        while self.step < end:
+            row = self.train_step()
+            last = self.step == cfg.steps
+            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                row["val_loss"] = self.strategy.evaluate(self.val)
+            self.metrics.append(row)
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(self.step)
+
+    def _profiler(self) -> Any:
+        """This rank's profiler; rank 0 picks the directory and tells the others."""
+        from labkit.profiling import RankProfiler
+
+        where = [self.cfg.trace_dir]
+        if self.ctx.rank == 0 and where[0] is None:
+            where[0] = tempfile.mkdtemp(prefix="labkit-trace-")
+        if self.ctx.distributed:
+            dist.broadcast_object_list(where, src=0)
+        path = Path(where[0]) / f"rank{self.ctx.rank}.json"
+        return RankProfiler(path, cuda=self.ctx.device.type == "cuda")
+
+    def _use_profiled_comm(self, profiler: Any) -> str | None:
+        """Replace the timeline's communication spans by the collectives the profiler saw.
+
+        Each collective belongs to the step whose first compute span started last before it.
+        Returns the trace file.
+        """
+        tl = self.strategy.timeline
+        starts = sorted((row[4], row[1]) for row in tl.rows if row[3] in ("forward", "backward"))
+        tl.rows = [row for row in tl.rows if row[3] not in COMM_PHASES]
+        for phase, start, end in profiler.spans:
+            rel = start - tl.t0
+            step = max((s for t, s in starts if t <= rel), default=starts[0][1] if starts else 0)
+            tl.add(phase, step, -1, rel, end - tl.t0)
+        return profiler.trace_file
 
 
 def train(

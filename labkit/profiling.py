@@ -1,0 +1,86 @@
+"""Profiling a rank's steps with torch.profiler: a trace per rank, and the collectives that ran.
+
+``RankProfiler`` wraps the training loop of one rank (``TrainConfig.profile=True``). It records
+CPU activity (and CUDA's on a GPU), writes a Chrome/Perfetto trace file, and reads back the
+collectives the backend ran: Gloo's ``gloo:all_reduce``, ``gloo:broadcast``, ... and NCCL's
+``nccl:...`` records, each with its real start and end. These become the timeline's
+communication spans, for every strategy alike: torch's DDP and FSDP2 included, whose
+collectives labkit's own code never sees.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["COLLECTIVE_PHASES", "RankProfiler"]
+
+# Backend record names (after "gloo:" or "nccl:") -> timeline phase.
+COLLECTIVE_PHASES = {
+    "all_reduce": "allreduce",
+    "allreduce": "allreduce",
+    "all_gather": "allgather",
+    "allgather": "allgather",
+    "_allgather_base": "allgather",
+    "all_gather_into_tensor": "allgather",
+    "reduce_scatter": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "broadcast": "broadcast",
+    "send": "send",
+    "recv": "recv",
+    "barrier": "wait",
+}
+
+
+def _phase(name: str) -> str | None:
+    backend, _, op = name.partition(":")
+    if backend not in ("gloo", "nccl") or not op:
+        return None
+    return COLLECTIVE_PHASES.get(op.strip().lower(), "allreduce" if "reduce" in op else None)
+
+
+class RankProfiler:
+    """Context manager around a rank's steps; afterwards ``trace_file`` and ``spans``.
+
+    ``spans`` are ``(phase, start, end)`` in ``time.perf_counter`` seconds, so they line up with
+    the timeline (whose clock is the same).
+    """
+
+    def __init__(self, path: Path, cuda: bool = False) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.path = Path(path)
+        self._profile = profile(activities=activities)
+        self.trace_file: str | None = None
+        self.spans: list[tuple[str, float, float]] = []
+
+    def __enter__(self) -> RankProfiler:
+        self._profile.__enter__()
+        # The profiler's event times are microseconds from its start: note that start on our
+        # clock (the offset is the call's duration, microseconds).
+        self._origin = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._profile.export_chrome_trace(str(self.path))
+        self.trace_file = str(self.path)
+        for event in self._profile.events():
+            phase = _phase(event.name)
+            if phase is None:
+                continue
+            start = self._origin + event.time_range.start / 1e6
+            self.spans.append((phase, start, self._origin + event.time_range.end / 1e6))
+
+
+def cuda_activity(device: torch.device) -> bool:
+    """Whether to record CUDA activity on this device."""
+    return device.type == "cuda"
