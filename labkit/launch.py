@@ -77,7 +77,14 @@ def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[st
     """Train on this rank and gather every rank's rows to rank 0 (which returns them)."""
     t0 = shared_clock(ctx)
     out = train(cfg, ctx, on_step=on_step, t0=t0)
-    payload = (out.metrics, out.timeline, out.layer_norms, out.memory, out.trace_file)
+    payload = (
+        out.metrics,
+        out.timeline,
+        out.layer_norms,
+        out.memory,
+        out.trace_file,
+        out.collectives,
+    )
     gathered: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
     dist.gather_object(payload, gathered if ctx.rank == 0 else None, dst=0)
     if ctx.rank != 0:
@@ -88,6 +95,7 @@ def run_rank(cfg: TrainConfig, ctx: DistContext, on_step: Any = None) -> dict[st
         "layer_norms": [row for _, _, n, *_ in gathered for row in n],
         "memory": [part[3] for part in gathered],
         "trace_files": [part[4] for part in gathered if part[4]],
+        "collectives": [row for part in gathered for row in part[5]],
         "info": out.info,
         "state": out.state,
     }
@@ -211,6 +219,7 @@ def run_single(
         "layer_norms": out.layer_norms,
         "memory": [out.memory],
         "trace_files": [out.trace_file] if out.trace_file else [],
+        "collectives": out.collectives,
         "state": out.state,
     }
     return RunResult.from_ranks(cfg, payload, info)

@@ -36,6 +36,31 @@ COLLECTIVE_PHASES = {
 }
 
 
+# Profiler dtype names -> bytes per element.
+DTYPE_BYTES = {
+    "float": 4,
+    "double": 8,
+    "c10::BFloat16": 2,
+    "c10::Half": 2,
+    "long int": 8,
+    "int": 4,
+    "unsigned char": 1,
+    "bool": 1,
+}
+
+
+def _payload_bytes(event: Any) -> int:
+    """Bytes of the tensor a backend record worked on (its first input), from the profile."""
+    shapes = getattr(event, "input_shapes", None) or []
+    dtypes = getattr(event, "input_dtypes", None) or []
+    if not shapes:
+        return 0
+    numel = 1  # a 0-dim tensor (shape []) holds one element
+    for n in shapes[0]:
+        numel *= int(n)
+    return numel * DTYPE_BYTES.get(dtypes[0] if dtypes else "float", 4)
+
+
 def _phase(name: str) -> str | None:
     backend, _, op = name.partition(":")
     if backend not in ("gloo", "nccl") or not op:
@@ -46,8 +71,10 @@ def _phase(name: str) -> str | None:
 class RankProfiler:
     """Context manager around a rank's steps; afterwards ``trace_file`` and ``spans``.
 
-    ``spans`` are ``(phase, start, end)`` in ``time.perf_counter`` seconds, so they line up with
-    the timeline (whose clock is the same).
+    ``spans`` are ``(phase, start, end, payload_bytes)``, times in ``time.perf_counter`` seconds
+    so they line up with the timeline (whose clock is the same), and the bytes of the tensor the
+    backend worked on (the message, before the algorithm's factor: a ring all-reduce sends
+    ``2 (N-1)/N`` of it per rank).
     """
 
     def __init__(self, path: Path, cuda: bool = False) -> None:
@@ -55,9 +82,11 @@ class RankProfiler:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self.path = Path(path)
-        self._profile = profile(activities=activities)
+        # record_shapes: each backend record then carries its tensor's shape and dtype, which is
+        # the message size that really went to the backend.
+        self._profile = profile(activities=activities, record_shapes=True)
         self.trace_file: str | None = None
-        self.spans: list[tuple[str, float, float]] = []
+        self.spans: list[tuple[str, float, float, int]] = []
 
     def __enter__(self) -> RankProfiler:
         self._profile.__enter__()
@@ -78,7 +107,8 @@ class RankProfiler:
             if phase is None:
                 continue
             start = self._origin + event.time_range.start / 1e6
-            self.spans.append((phase, start, self._origin + event.time_range.end / 1e6))
+            end = self._origin + event.time_range.end / 1e6
+            self.spans.append((phase, start, end, _payload_bytes(event)))
 
 
 def cuda_activity(device: torch.device) -> bool:

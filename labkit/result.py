@@ -24,6 +24,8 @@ class RunResult:
     (at the end) and ``peak_params_bytes`` (the most parameter storage alive at once),
     ``grads_bytes``, ``optimizer_bytes``, ``activations_bytes`` (saved for backward, peak) and
     ``peak_bytes``. ``trace_files``: one torch.profiler trace per rank (``profile=True``).
+    ``collectives``: each collective the backend ran (``profile=True``), with ``payload_bytes``,
+    the measured size of the tensor it worked on.
     """
 
     config: TrainConfig
@@ -34,6 +36,7 @@ class RunResult:
     layer_norms: pd.DataFrame = field(default_factory=pd.DataFrame)
     memory: pd.DataFrame = field(default_factory=pd.DataFrame)
     trace_files: list[str] = field(default_factory=list)
+    collectives: pd.DataFrame = field(default_factory=pd.DataFrame)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -61,7 +64,11 @@ class RunResult:
             memory = memory.sort_values("rank").reset_index(drop=True)
         state = payload["state"] or {}
         traces = list(payload.get("trace_files") or [])
-        return cls(config, frame, tl, info, logs or {}, norms, memory, traces, state)
+        collectives = pd.DataFrame(
+            payload.get("collectives") or [],
+            columns=["rank", "step", "phase", "start_s", "end_s", "payload_bytes"],
+        )
+        return cls(config, frame, tl, info, logs or {}, norms, memory, traces, collectives, state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained model's parameters and buffers on CPU, keyed as ``GPT.state_dict()``."""

@@ -55,6 +55,8 @@ class RankOutput:
     layer_norms: list[tuple[int, int, str, float]] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)  # this rank's measured bytes
     trace_file: str | None = None  # this rank's profiler trace (TrainConfig.profile)
+    # (rank, step, phase, start_s, end_s, payload_bytes) of each collective the profiler saw
+    collectives: list[tuple[int, int, str, float, float, int]] = field(default_factory=list)
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -288,7 +290,7 @@ class Trainer:
         profiler = self._profiler() if cfg.profile else contextlib.nullcontext()
         with profiler:
             self._loop(end, on_step)
-        trace_file = self._use_profiled_comm(profiler) if cfg.profile else None
+        trace_file, collectives = self._use_profiled_comm(profiler) if cfg.profile else (None, [])
         info = {
             "n_params": self.n_params,
             "flops_per_token": self.flops_per_token,
@@ -302,7 +304,9 @@ class Trainer:
         state = self.strategy.full_state_dict()
         self.strategy.close()
         timeline = list(self.strategy.timeline.rows)
-        return RankOutput(self.metrics, timeline, info, state, self.layer_norms, memory, trace_file)
+        return RankOutput(
+            self.metrics, timeline, info, state, self.layer_norms, memory, trace_file, collectives
+        )
 
     def _loop(self, end: int, on_step: Callable[[int], None] | None) -> None:
         """Steps, evaluations and checkpoints up to step ``end``."""
@@ -330,20 +334,22 @@ class Trainer:
         path = Path(where[0]) / f"rank{self.ctx.rank}.json"
         return RankProfiler(path, cuda=self.ctx.device.type == "cuda")
 
-    def _use_profiled_comm(self, profiler: Any) -> str | None:
+    def _use_profiled_comm(self, profiler: Any) -> tuple[str | None, list[tuple]]:
         """Replace the timeline's communication spans by the collectives the profiler saw.
 
         Each collective belongs to the step whose first compute span started last before it.
-        Returns the trace file.
+        Returns the trace file and the collectives with their measured payload bytes.
         """
         tl = self.strategy.timeline
         starts = sorted((row[4], row[1]) for row in tl.rows if row[3] in ("forward", "backward"))
         tl.rows = [row for row in tl.rows if row[3] not in COMM_PHASES]
-        for phase, start, end in profiler.spans:
+        collectives = []
+        for phase, start, end, nbytes in profiler.spans:
             rel = start - tl.t0
             step = max((s for t, s in starts if t <= rel), default=starts[0][1] if starts else 0)
             tl.add(phase, step, -1, rel, end - tl.t0)
-        return profiler.trace_file
+            collectives.append((self.ctx.rank, step, phase, rel, end - tl.t0, nbytes))
+        return profiler.trace_file, collectives
 
 
 def train(

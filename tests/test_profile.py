@@ -47,3 +47,25 @@ def test_a_single_process_profile_writes_one_trace(tmp_path):
     result = labkit.run(**BASE, trace_dir=str(tmp_path))
     assert len(result.trace_files) == 1
     assert json.loads(open(result.trace_files[0]).read())["traceEvents"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_measured_payload_of_dp_naive_is_its_gradients_and_gloo_has_no_reduce_scatter(tmp_path):
+    from labkit.config import TrainConfig
+    from labkit.train import build_model
+
+    kw = dict(BASE, eval_every=0, trace_dir=str(tmp_path))
+    grads = sum(p.numel() * 4 for p in build_model(TrainConfig(**kw)).parameters())
+    naive = labkit.run(**kw, strategy="dp-naive", world_size=2).collectives
+    per_step = naive[naive["phase"] == "allreduce"].groupby(["rank", "step"])["payload_bytes"]
+    # What Gloo was handed each step: every gradient tensor once, plus the loss (one float32).
+    # Gloo's all-reduce runs a ring (its default algorithm), so each rank puts 2 (N-1)/N of
+    # each payload on the wire: that factor is a prediction, the payload is measured.
+    assert (per_step.sum() == grads + 4).all(), per_step.sum()
+    # FSDP2 asks for reduce-scatters; Gloo has none and runs an all-reduce of the whole
+    # gradient instead (then keeps a shard): twice a ring reduce-scatter's bytes.
+    fsdp = labkit.run(**kw, strategy="fsdp", world_size=2).collectives
+    reduced = fsdp[fsdp["phase"] == "allreduce"].groupby(["rank", "step"])["payload_bytes"]
+    assert (reduced.sum() >= grads).all()
+    assert "reduce_scatter" not in set(fsdp["phase"])
