@@ -35,7 +35,7 @@ PP_SCHEDULES = tuple(P.PP_SCHEDULES)
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 PP_BALANCE = ("layers", "params")
-FAULTS = ("raise", "kill")
+FAULTS = ("raise", "kill", "overflow")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -146,7 +146,9 @@ class TrainConfig:
     profile: bool = False
     trace_dir: str | None = None  # where traces go (default: a new temporary directory)
     layer_norms: bool = False  # record every parameter's pre-clip gradient norm each step
-    # Fault injection for the fault-tolerance lesson and tests: "raise:RANK:STEP" or "kill:RANK:STEP".
+    # Fault injection for the fault-tolerance lesson and tests: "raise:RANK:STEP" or
+    # "kill:RANK:STEP" stop a rank; "overflow:0:STEP" makes every rank's gradients infinite at
+    # STEP after the sync, as an fp16 overflow would (the step is then skipped and counted).
     fault: str | None = None
 
     def __post_init__(self) -> None:
@@ -312,7 +314,9 @@ class TrainConfig:
         parts = str(self.fault).split(":")
         ok = len(parts) == 3 and parts[0] in FAULTS and parts[1].isdigit() and parts[2].isdigit()
         if not ok:
-            _fail("fault", self.fault, "use 'raise:RANK:STEP' or 'kill:RANK:STEP'")
+            _fail(
+                "fault", self.fault, "use 'raise:RANK:STEP', 'kill:RANK:STEP' or 'overflow:0:STEP'"
+            )
         if int(parts[1]) >= self.world_size:
             _fail("fault", self.fault, f"rank must be below world_size={self.world_size}")
 

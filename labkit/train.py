@@ -83,10 +83,19 @@ def _inject_fault(cfg: TrainConfig, rank: int, step: int) -> None:
     if cfg.fault is None:
         return
     kind, fault_rank, fault_step = cfg.fault.split(":")
-    if rank == int(fault_rank) and step == int(fault_step):
+    if kind != "overflow" and rank == int(fault_rank) and step == int(fault_step):
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
+def _inject_overflow(cfg: TrainConfig, step: int, params: list[torch.Tensor]) -> None:
+    """``fault="overflow:0:STEP"``: every rank's gradients become infinite at STEP (after the
+    sync, so all ranks agree), the way an fp16 overflow shows up."""
+    if cfg.fault and cfg.fault.startswith("overflow:") and step == int(cfg.fault.split(":")[2]):
+        for p in params:
+            if p.grad is not None:
+                p.grad.fill_(math.inf)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -228,6 +237,7 @@ class Trainer:
         with s.activation_meter if measure else contextlib.nullcontext():
             local_loss = s.forward_backward(micro, n_tokens, step)
         s.finish_grad_sync(step)
+        _inject_overflow(cfg, step, s.trainable_parameters())
 
         with s.timeline.span("optimizer", step):
             if s.scaler is not None:

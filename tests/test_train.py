@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,32 @@ def test_fp16_loss_scaling_unscales_before_clipping():
     ratio = fp16.metrics["grad_norm"] / fp32.metrics["grad_norm"]
     assert ratio.between(0.98, 1.02).all(), ratio.tolist()
     assert (fp16.metrics["grad_norm_clipped"] <= 1.0 + 1e-4).all()
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp"])
+def test_bf16_trains_on_cpu_with_a_finite_falling_loss(strategy):
+    world = 1 if strategy == "single" else 2
+    run = labkit.run(
+        model="nano",
+        steps=8,
+        global_batch_size=8,
+        lr=3e-3,
+        precision="bf16",
+        strategy=strategy,
+        world_size=world,
+        progress=False,
+    )
+    loss = run.losses
+    assert loss.notna().all() and np.isfinite(loss.to_numpy()).all()
+    assert loss.iloc[-1] < loss.iloc[0]
+
+
+def test_fp16_overflow_skips_exactly_that_step_and_the_schedule_goes_on():
+    kw = dict(TINY, steps=4, precision="fp16", schedule="cosine", warmup_steps=1)
+    clean = labkit.run(**kw)
+    hit = labkit.run(**kw, fault="overflow:0:2")
+    assert hit.metrics["skipped"].tolist() == [False, False, True, False]
+    assert hit.info["skipped_steps"] == 1
+    assert hit.metrics["lr"].tolist() == clean.metrics["lr"].tolist()
+    # Until the overflow the runs are the same; the skipped step left the weights as they were.
+    assert hit.metrics["loss"].tolist()[:3] == clean.metrics["loss"].tolist()[:3]
