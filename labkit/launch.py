@@ -58,11 +58,19 @@ def resolve_device(cfg: TrainConfig) -> tuple[str, str]:
     else:
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda and cfg.world_size > torch.cuda.device_count() and cfg.strategy != "single":
+        # NCCL refuses two ranks on one GPU. Asked for CUDA: say so before launch. On "auto":
+        # run on CPU processes with Gloo instead, and say that too.
+        n = torch.cuda.device_count()
         if cfg.device == "cuda":
             raise ValueError(
-                f"TrainConfig.world_size={cfg.world_size} is invalid: only "
-                f"{torch.cuda.device_count()} GPU(s) visible; use device='cpu' for more ranks"
+                f"TrainConfig.world_size={cfg.world_size} is invalid: only {n} GPU(s) visible "
+                "and NCCL runs one rank per GPU; use world_size <= the GPUs or device='cpu'"
             )
+        warnings.warn(
+            f"world_size={cfg.world_size} but only {n} GPU(s) visible (NCCL runs one rank per "
+            "GPU): this run uses CPU processes with Gloo",
+            stacklevel=3,
+        )
         use_cuda, backend = False, "gloo" if cfg.backend == "auto" else backend
     return ("cuda" if use_cuda else "cpu"), backend
 
