@@ -29,7 +29,7 @@ DATASHEET_BF16 = {
     "L4": (121e12, "NVIDIA L4 datasheet: 242 TFLOPS with sparsity, half dense"),
     "B200": (
         2250e12,
-        "NVIDIA DGX B200 datasheet: 72 PFLOPS fp8 sparse / 8 GPUs; bf16 dense 2.25 PF",
+        "NVIDIA B200 datasheet: 4.5 PFLOPS bf16 with sparsity, half dense",
     ),
 }
 
