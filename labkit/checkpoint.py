@@ -43,6 +43,11 @@ STRUCTURAL_FIELDS = (
     "corpus",
     "strategy",
     "world_size",
+    "dp",  # the mesh: each rank's file holds its own stage, slice and shard
+    "pp",
+    "tp",
+    "dp_impl",
+    "pp_balance",
     "micro_batches",
     "optimizer",
     "freeze",
@@ -178,7 +183,8 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
     if meta is None:
         return None
     saved = meta.get("config") or {}
-    for name in STRUCTURAL_FIELDS:
+    names = STRUCTURAL_FIELDS + (("bucket_mb",) if config.get("dp_impl") == "zero2" else ())
+    for name in names:
         a, b = saved.get(name), config.get(name)
         if isinstance(b, tuple):
             b = list(b)

@@ -373,8 +373,9 @@ def adaptive_clip_grad_(
     Returns:
         The global 2-norm of the gradients *before* clipping (for logging).
     """
-    params = [p for p in _as_param_list(parameters) if p.grad is not None]
-    total_norm = _total_norm(_Grads(params, None), 2.0, group)
+    given = _as_param_list(parameters)
+    params = [p for p in given if p.grad is not None]
+    total_norm = _total_norm(_Grads(given, None), 2.0, group)  # keeps GradPieces' marks
     for p in params:
         max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
         grad_norm = _unitwise_norm(p.grad)

@@ -362,9 +362,11 @@ class TrainConfig:
                 )
             rows = dp * self.grad_accum_steps * self.micro_batches
             if self.global_batch_size % rows:
+                # Name micro_batches only if it is what breaks the split.
+                name = "micro_batches" if self.micro_batches > 1 else "global_batch_size"
                 _fail(
-                    "micro_batches",
-                    self.micro_batches,
+                    name,
+                    getattr(self, name),
                     f"dp*grad_accum_steps*micro_batches={rows} must divide "
                     f"global_batch_size={self.global_batch_size} (equal micro-batches per stage)",
                 )
@@ -504,7 +506,8 @@ class TrainConfig:
     @property
     def label(self) -> str:
         """A short name for the run's parallelism: ``"ddp x2"``, ``"dp2 x pp2 (zero3, 1f1b)"``."""
-        if self.strategy != "mesh":
+        preset = P.PRESETS[self.strategy].dim
+        if self.strategy != "mesh" and self.world_size == getattr(self, preset or "dp"):
             return self.strategy if self.world_size == 1 else f"{self.strategy} x{self.world_size}"
         dims = " x ".join(
             f"{d}{getattr(self, d)}" for d in ("dp", "pp", "tp") if getattr(self, d) > 1

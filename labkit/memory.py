@@ -15,13 +15,13 @@ exist).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SavedTensorMeter", "state_bytes", "storage_bytes"]
+__all__ = ["SavedTensorMeter", "state_bytes", "storage_bytes", "storage_ids"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,11 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
         storage = _local(t).untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def storage_ids(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Identities of the storages behind ``tensors`` (stable while a storage is resized)."""
+    return {_local(t).untyped_storage()._cdata for t in tensors}
 
 
 def state_bytes(params: Iterable[torch.Tensor], optimizer: Any) -> dict[str, int]:
@@ -56,19 +61,27 @@ class _Saved:
 
 class SavedTensorMeter:
     """A context manager: bytes of tensors saved for backward, alive now (``live``) and at most
-    (``peak``), while it is active. Parameters are not counted."""
+    (``peak``), while it is active.
 
-    def __init__(self) -> None:
+    Parameters are not counted, nor views of them (``F.linear`` saves ``weight.t()``): any
+    tensor whose storage is one of ``exclude()``'s (storage identities, ``_cdata``) is skipped.
+    """
+
+    def __init__(self, exclude: Callable[[], set[int]] | None = None) -> None:
         self.live = 0
         self.peak = 0
-        self._storages: dict[int, list[int]] = {}  # data_ptr -> [references, nbytes]
+        self._exclude = exclude or set
+        self._skip: set[int] = set()
+        self._storages: dict[int, list[int]] = {}  # storage identity -> [references, nbytes]
         self._hooks: Any = None
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if isinstance(tensor, nn.Parameter) or tensor.device.type == "meta":
             return tensor
         storage = _local(tensor).untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key in self._skip:
+            return tensor
         entry = self._storages.get(key)
         if entry is None:
             self._storages[key] = [1, nbytes]
@@ -94,6 +107,7 @@ class SavedTensorMeter:
             del self._storages[key]
 
     def __enter__(self) -> SavedTensorMeter:
+        self._skip = self._exclude()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self

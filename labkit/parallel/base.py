@@ -19,7 +19,7 @@ from torch import nn
 
 from labkit.clip import GradPieces, global_grad_norm
 from labkit.data import shard_rows
-from labkit.memory import SavedTensorMeter, state_bytes, storage_bytes
+from labkit.memory import SavedTensorMeter, state_bytes, storage_bytes, storage_ids
 from labkit.model import GPT, lm_loss_sum
 from labkit.timeline import Timeline
 
@@ -81,7 +81,7 @@ class Strategy:
         self.mesh = Mesh(shape, ctx.rank if ctx.distributed else 0, ctx.device.type)
         self.full_keys = list(model.state_dict())  # to order full_state_dict like GPT's
         self._step, self._recording = 0, True
-        self.activation_meter = SavedTensorMeter()
+        self.activation_meter = SavedTensorMeter(exclude=self.param_storage_ids)
         self._state_bytes = {"grads_bytes": 0, "optimizer_bytes": 0}
         self.pipe: Any = None
         if self.mesh.size("pp") > 1:
@@ -314,6 +314,10 @@ class Strategy:
             else:
                 full[key] = pieces[min(pieces)]
         return full
+
+    def param_storage_ids(self) -> set[int]:
+        """The storages that hold parameters (flavours with flat buffers add theirs)."""
+        return storage_ids(self.module.parameters())
 
     def note_state_bytes(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure gradient and optimizer-state bytes now (the trainer calls it before a step)."""

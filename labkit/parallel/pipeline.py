@@ -193,6 +193,9 @@ class Pipeline:
         with self.s.timeline.span("send", step, mb):
             work = dist.isend(tensor, dst)
         self._pending.append((work, tensor))
+        # Drop the sends that completed, so a long 1F1B step does not keep every activation
+        # it ever sent alive until the end of the step.
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
         self.s.sent("pp", tensor.numel() * tensor.element_size())
 
     def _recv(self, shape: tuple[int, ...], src: int, step: int, mb: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The one table of parallelism names: presets, data-parallel flavours and pipeline schedules.
 
-A run's parallelism is a mesh, ``dp x pp x tp`` ranks (see ``labkit.parallel.mesh``), plus how
+A run's parallelism is a mesh of ``dp x pp x tp`` ranks (laid out pp outermost, then dp, then tp
+innermost: see ``labkit.parallel.mesh``), plus how
 each dimension is done: ``dp_impl`` for data parallelism and ``pp_schedule`` for the pipeline.
 The strategy names of round 1 (``"ddp"``, ``"pp-1f1b"``, ``"tp"``...) are *presets*: a row here
 says which dimension takes all the ranks and which implementation it uses. Config validation,

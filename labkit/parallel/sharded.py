@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit.memory import storage_ids
 from labkit.parallel.base import ring_bytes
 from labkit.parallel.data_parallel import MB, DataParallelStrategy, broadcast_module
 
@@ -69,7 +70,9 @@ class FlatParam:
         self.shard = nn.Parameter(mine if keep_full else mine.clone())
         self.full_nbytes = self.full.untyped_storage().nbytes()
         self.grad_buffer: torch.Tensor | None = None
+        self.grad_views: list[torch.Tensor] = []  # one per parameter, into grad_buffer
         self.pending = len(params)  # gradients still to arrive in this backward
+        self.launched = False  # its reduce-scatter of this step has started
         self.work: Any = None  # the in-flight reduce-scatter
         self.grad_out: torch.Tensor | None = None
         self.started = 0.0
@@ -103,19 +106,26 @@ class FlatParam:
         """Move parameter ``index``'s fresh gradient into the flat gradient buffer."""
         p = self.params[index]
         if self.grad_buffer is None:
-            self.grad_buffer = self.shard.detach().new_zeros(self.shard_numel * self.world)
-        offset = self.offsets[index]
-        view = self.grad_buffer[offset : offset + p.numel()].view_as(p)
+            self._new_grad_buffer()
+        view = self.grad_views[index]
         if p.grad is not view:
             # A fresh gradient, or autograd replaced ours by an out-of-place sum: either way
             # p.grad holds the full accumulated value. From now on it accumulates in the view.
             view.copy_(p.grad)
             p.grad = view
 
+    def _new_grad_buffer(self) -> None:
+        self.grad_buffer = self.shard.detach().new_zeros(self.shard_numel * self.world)
+        self.grad_views = [
+            self.grad_buffer[offset : offset + p.numel()].view_as(p)
+            for p, offset in zip(self.params, self.offsets, strict=True)
+        ]
+
     def reduce_scatter(self) -> None:
         """Start summing the gradient buffer over dp, each rank receiving its shard."""
         if self.grad_buffer is None:  # no gradient reached these parameters: contribute zeros
-            self.grad_buffer = self.full.new_zeros(self.shard_numel * self.world)
+            self._new_grad_buffer()
+        self.launched = True
         self.grad_out = self.grad_buffer.new_empty(self.shard_numel)
         self.started = time.perf_counter()
         self.work = dist.reduce_scatter_tensor(
@@ -131,7 +141,7 @@ class FlatParam:
         self.grad_out = None
         for p in self.params:  # the full gradient is not kept: that is the point
             p.grad = None
-        self.grad_buffer = None
+        self.grad_buffer, self.grad_views = None, []
         self.pending = len(self.params)
 
 
@@ -184,16 +194,18 @@ class _ShardedDP(DataParallelStrategy):
         """Make the replicas agree, flatten, and hook every trainable parameter."""
         broadcast_module(self.module, self.dp_group)
         self.sync_enabled = True
+        self._handles: list[Any] = []
         self.flats = self.make_flats()
         self.frozen_bytes = sum(
             p.numel() * p.element_size() for p in self.module.parameters() if not p.requires_grad
         )
-        self._handles = [
+        self._handles += [
             p.register_post_accumulate_grad_hook(self._grad_hook(flat, i))
             for flat in self.flats
             for i, p in enumerate(flat.params)
         ]
         self._spans: list[tuple[str, float, float]] = []
+        self._in_flight: list[FlatParam] = []  # reduce-scatters started, oldest first
         self.peak_params_bytes = self.params_bytes()
 
     def _grad_hook(self, flat: FlatParam, index: int) -> Any:
@@ -209,10 +221,11 @@ class _ShardedDP(DataParallelStrategy):
         """Every gradient of ``flat`` is in: start its reduce-scatter (unless accumulating)."""
         if self.sync_enabled:
             flat.reduce_scatter()
-            # Bound what is in flight, so the freed buffers really lower the peak.
-            in_flight = [f for f in self.flats if f.work is not None]
-            for f in in_flight[:-2]:
-                self._finish(f)
+            self._in_flight.append(flat)
+            # Bound what is in flight (the oldest finish first), so that the full gradient
+            # buffers really are freed during backward and never all exist at once.
+            while len(self._in_flight) > 2:
+                self._finish(self._in_flight.pop(0))
         else:
             flat.pending = len(flat.params)
 
@@ -245,11 +258,14 @@ class _ShardedDP(DataParallelStrategy):
     def finish_grad_sync(self, step: int) -> None:
         """Reduce-scatter what backward did not reach, wait for all; record the spans."""
         for flat in self.flats:
-            if flat.work is None and flat.pending != 0 and flat.grad_out is None:
-                flat.reduce_scatter()  # unused parameters (or a partial backward): zeros
+            if not flat.launched:  # backward did not reach all of it: send what is there
+                flat.reduce_scatter()
+                self._in_flight.append(flat)
+        for flat in self._in_flight:
+            self._finish(flat)
+        self._in_flight.clear()
         for flat in self.flats:
-            if flat.work is not None:
-                self._finish(flat)
+            flat.launched = False
         t0 = self.timeline.t0
         for phase, start, end in self._spans:
             self.timeline.add(phase, step, -1, start - t0, end - t0)
@@ -262,6 +278,12 @@ class _ShardedDP(DataParallelStrategy):
     def clip_pieces(self) -> list[tuple[torch.Tensor, bool]]:
         """The gradient shards; the norm combines them over dp (and pp, tp)."""
         return [(flat.shard, flat.replicated) for flat in self.flats]
+
+    def param_storage_ids(self) -> set[int]:
+        """Flat buffers and shards: every view of them is a parameter, not an activation."""
+        return storage_ids([f.full for f in self.flats] + [f.shard for f in self.flats]) | (
+            super().param_storage_ids()
+        )
 
     def params_memory(self) -> dict[str, int]:
         """Parameter bytes now and at the peak, as the storages measured them."""
@@ -334,8 +356,8 @@ class Zero3Strategy(_ShardedDP):
             unit = _flats_of(own, self.dp_group, self.tp_shard_dims, keep_full=False)
             self.units[module] = unit
             flats += unit
-            module.register_forward_pre_hook(self._pre_forward)
-            module.register_forward_hook(self._post_forward)
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(module.register_forward_hook(self._post_forward))
         return flats
 
     def _gather(self, unit: list[FlatParam]) -> None:
@@ -354,6 +376,10 @@ class Zero3Strategy(_ShardedDP):
 
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
         unit = self.units[module]
+        if torch._C._current_graph_task_id() != -1:
+            # A forward run inside backward (activation recomputation): the module's backward
+            # comes next and needs the parameters; its gradient hooks free them.
+            return output
         for flat in unit:
             flat.free()
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
