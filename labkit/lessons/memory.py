@@ -8,13 +8,12 @@ measurement).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from labkit.parallel.zero import ShardedOptimizer
+from labkit.memory import state_bytes, storage_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,17 +69,6 @@ def zero_memory_formula(
     return pd.DataFrame(rows)
 
 
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
-    storages: dict[int, int] = {}
-    for t in tensors:
-        if hasattr(t, "to_local"):  # a DTensor: this rank holds its local piece
-            t = t.to_local()
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
 def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank holds for parameters, gradients and optimizer state, right now.
 
@@ -89,10 +77,4 @@ def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
     parameters during forward, DDP's internal bucket copies) are not included.
     """
     params = list(model.parameters())
-    inner = optimizer.optim if isinstance(optimizer, ShardedOptimizer) else optimizer
-    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {
-        "params_bytes": _storage_bytes(params),
-        "grads_bytes": _storage_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer_bytes": _storage_bytes(state),
-    }
+    return {"params_bytes": storage_bytes(params), **state_bytes(params, optimizer)}
