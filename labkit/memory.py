@@ -93,6 +93,10 @@ class SavedTensorMeter:
         weakref.finalize(saved, self._release, key)
         return saved
 
+    def skip(self, ids: set[int]) -> None:
+        """Leave these storages out from now on (parameters gathered while the meter runs)."""
+        self._skip |= ids
+
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
         return saved.tensor if isinstance(saved, _Saved) else saved

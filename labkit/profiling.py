@@ -36,6 +36,8 @@ COLLECTIVE_PHASES = {
 }
 
 
+CLOCK_MARK = "labkit:clock"  # a marker event that ties the profiler's clock to perf_counter
+
 # Profiler dtype names -> bytes per element.
 DTYPE_BYTES = {
     "float": 4,
@@ -89,10 +91,16 @@ class RankProfiler:
         self.spans: list[tuple[str, float, float, int]] = []
 
     def __enter__(self) -> RankProfiler:
+        from torch.profiler import record_function
+
         self._profile.__enter__()
-        # The profiler's event times are microseconds from its start: note that start on our
-        # clock (the offset is the call's duration, microseconds).
-        self._origin = time.perf_counter()
+        # The profiler's event times are microseconds from its own origin. A marker event taken
+        # together with a perf_counter reading ties that origin to our clock (to microseconds;
+        # reading the clock after __enter__ instead would be off by however long it took).
+        with record_function("labkit:warm-up"):  # the first record pays a one-off set-up
+            pass
+        with record_function(CLOCK_MARK):
+            self._mark = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -102,12 +110,15 @@ class RankProfiler:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(str(self.path))
         self.trace_file = str(self.path)
-        for event in self._profile.events():
+        events = self._profile.events()
+        mark = next((e for e in events if e.name == CLOCK_MARK), None)
+        origin = self._mark - (mark.time_range.start / 1e6 if mark is not None else 0.0)
+        for event in events:
             phase = _phase(event.name)
             if phase is None:
                 continue
-            start = self._origin + event.time_range.start / 1e6
-            end = self._origin + event.time_range.end / 1e6
+            start = origin + event.time_range.start / 1e6
+            end = origin + event.time_range.end / 1e6
             self.spans.append((phase, start, end, _payload_bytes(event)))
 
 

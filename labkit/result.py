@@ -25,7 +25,8 @@ class RunResult:
     ``grads_bytes``, ``optimizer_bytes``, ``activations_bytes`` (saved for backward, peak) and
     ``peak_bytes``. ``trace_files``: one torch.profiler trace per rank (``profile=True``).
     ``collectives``: each collective the backend ran (``profile=True``), with ``payload_bytes``,
-    the measured size of the tensor it worked on.
+    the measured size of the tensor it worked on, and ``during``: ``"train"`` (a training step,
+    also drawn on the timeline) or ``"eval"`` (an evaluation after the step; not on the timeline).
     """
 
     config: TrainConfig
@@ -66,7 +67,7 @@ class RunResult:
         traces = list(payload.get("trace_files") or [])
         collectives = pd.DataFrame(
             payload.get("collectives") or [],
-            columns=["rank", "step", "phase", "start_s", "end_s", "payload_bytes"],
+            columns=["rank", "step", "phase", "start_s", "end_s", "payload_bytes", "during"],
         )
         return cls(config, frame, tl, info, logs or {}, norms, memory, traces, collectives, state)
 

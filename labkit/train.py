@@ -152,6 +152,9 @@ class Trainer:
         self.run_id: str | None = None  # identity of this run's checkpoints (rank 0 sets it)
         self.metrics: list[dict[str, Any]] = []
         self.layer_norms: list[tuple[int, int, str, float]] = []
+        # perf_counter intervals of evaluations: their collectives are not part of a step.
+        self.eval_spans: list[tuple[float, float]] = []
+        self.step_starts: list[tuple[float, int]] = []  # (perf_counter, step) of every step
         self.flops_per_token = flops_per_token(self.model_cfg)
 
     # ------------------------------------------------------------------ checkpoints
@@ -218,6 +221,7 @@ class Trainer:
         cfg, s, step = self.cfg, self.strategy, self.step
         _inject_fault(cfg, self.ctx.rank, step)
         t_start = time.perf_counter()
+        self.step_starts.append((t_start, step))
         s.bytes_sent = dict.fromkeys(s.bytes_sent, 0)
         x, y = global_batch(
             self.corpus.train,
@@ -325,7 +329,9 @@ class Trainer:
             row = self.train_step()
             last = self.step == cfg.steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                start = time.perf_counter()
                 row["val_loss"] = self.strategy.evaluate(self.val)
+                self.eval_spans.append((start, time.perf_counter()))
             self.metrics.append(row)
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                 self.save_checkpoint()
@@ -347,18 +353,22 @@ class Trainer:
     def _use_profiled_comm(self, profiler: Any) -> tuple[str | None, list[tuple]]:
         """Replace the timeline's communication spans by the collectives the profiler saw.
 
-        Each collective belongs to the step whose first compute span started last before it.
-        Returns the trace file and the collectives with their measured payload bytes.
+        Each collective belongs to the last step that started before it (a pipeline stage's
+        first receive comes before its first forward, but after its step began). Those that ran during an evaluation (after the step) stay off the timeline, so a step's
+        communication is only its own. Returns the trace file and the collectives with their
+        measured payload bytes and when they ran (``"train"`` or ``"eval"``).
         """
         tl = self.strategy.timeline
-        starts = sorted((row[4], row[1]) for row in tl.rows if row[3] in ("forward", "backward"))
+        starts = sorted(self.step_starts)
         tl.rows = [row for row in tl.rows if row[3] not in COMM_PHASES]
         collectives = []
         for phase, start, end, nbytes in profiler.spans:
             rel = start - tl.t0
-            step = max((s for t, s in starts if t <= rel), default=starts[0][1] if starts else 0)
-            tl.add(phase, step, -1, rel, end - tl.t0)
-            collectives.append((self.ctx.rank, step, phase, rel, end - tl.t0, nbytes))
+            step = max((s for t, s in starts if t <= start), default=starts[0][1] if starts else 0)
+            during = "eval" if any(a <= start <= b for a, b in self.eval_spans) else "train"
+            if during == "train":
+                tl.add(phase, step, -1, rel, end - tl.t0)
+            collectives.append((self.ctx.rank, step, phase, rel, end - tl.t0, nbytes, during))
         return profiler.trace_file, collectives
 
 

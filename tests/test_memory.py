@@ -53,7 +53,7 @@ def test_the_zero_stages_shard_what_they_say_measured():
     kw = dict(model="micro", steps=2, global_batch_size=4, progress=False, timeline=False)
     full = labkit.run(**kw).memory.iloc[0]
     rows = {}
-    for strategy in ("dp-bucketed", "zero1", "zero2", "zero3"):
+    for strategy in ("dp-bucketed", "zero1", "zero2", "zero3", "fsdp"):
         rows[strategy] = labkit.run(**kw, strategy=strategy, world_size=2).memory
         assert len(rows[strategy]) == 2 and COLUMNS <= set(rows[strategy].columns)
 
@@ -68,6 +68,13 @@ def test_the_zero_stages_shard_what_they_say_measured():
     assert frac("zero3", "params_bytes") < 0.51  # + parameters sharded...
     z3 = rows["zero3"]
     assert (z3["peak_params_bytes"] > z3["params_bytes"]).all()  # ...gathered one at a time
+    # FSDP2's gathered blocks are parameters too: they raise the parameter peak and are not
+    # counted again as activations (F.linear saves a view of the gathered weight), so FSDP's
+    # activations are exactly those of the hand-written ZeRO-3 on the same model and batch.
+    fsdp = rows["fsdp"]
+    assert frac("fsdp", "params_bytes") < 0.6
+    assert (fsdp["peak_params_bytes"] > 1.2 * fsdp["params_bytes"]).all()
+    assert (fsdp["activations_bytes"] == z3["activations_bytes"]).all()
 
 
 def test_recompute_is_validated():

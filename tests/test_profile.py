@@ -69,3 +69,20 @@ def test_measured_payload_of_dp_naive_is_its_gradients_and_gloo_has_no_reduce_sc
     reduced = fsdp[fsdp["phase"] == "allreduce"].groupby(["rank", "step"])["payload_bytes"]
     assert (reduced.sum() >= grads).all()
     assert "reduce_scatter" not in set(fsdp["phase"])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_collectives_of_an_evaluation_stay_off_the_step_they_follow(tmp_path):
+    kw = dict(BASE, eval_every=1, trace_dir=str(tmp_path), micro_batches=2)
+    result = labkit.run(**kw, strategy="pp-1f1b", world_size=2)
+    col = result.collectives
+    assert {"train", "eval"} == set(col["during"])  # the pipeline evaluates through its stages
+    tl = result.timeline
+    comm = tl[tl["phase"].isin(COMM_PHASES)]
+    assert len(comm) == (col["during"] == "train").sum()
+    # Every communication span on the timeline lies inside its own step's time on that rank.
+    m = result.metrics.set_index(["rank", "step"])
+    for (rank, step), spans in comm.groupby(["rank", "step"]):
+        first = tl[(tl["rank"] == rank) & (tl["step"] == step)]["start_s"].min()
+        assert spans["end_s"].max() - first <= m.loc[(rank, step), "step_time_s"] + 1e-3

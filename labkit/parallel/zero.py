@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit.memory import storage_bytes, storage_ids
 from labkit.parallel.base import ring_bytes
 from labkit.parallel.data_parallel import BucketedDPStrategy, DataParallelStrategy, broadcast_module
 
@@ -276,6 +277,12 @@ class FSDPStrategy(DataParallelStrategy):
     * Accumulation: ``set_requires_gradient_sync(False)`` on all but the last micro-batch.
     * ``replica_state_dict`` gathers the full parameters over dp
       (``torch.distributed.checkpoint.state_dict``); checkpoints hold each rank's local shards.
+    * Memory: FSDP2 hands each block its gathered (unsharded) parameters right before the
+      block's forward. A forward pre-hook, which runs after FSDP's, measures the parameter
+      storage alive then (``peak_params_bytes``) and tells the activation meter that those
+      storages are parameters, so the transient unsharded block is counted as parameters, not
+      as activations. All-gathers FSDP prefetched but not yet handed over are not seen here (on
+      a GPU the allocator's ``peak_bytes`` includes them).
     * ``comm_bytes`` is computed from the sharding plan (FSDP's collectives are internal): per
       micro-batch an all-gather of every parameter for forward and of the blocks' for backward
       (the root keeps its parameters until backward), plus one reduce-scatter of the gradients,
@@ -300,6 +307,12 @@ class FSDPStrategy(DataParallelStrategy):
             fully_shard(block, mesh=self.dp_mesh)
         fully_shard(self.module, mesh=self.dp_mesh)
         self.model = self.module
+        self._sharded_bytes = storage_bytes(self.module.parameters())
+        self.peak_params_bytes = self._sharded_bytes
+        # Registered after fully_shard, so they run after FSDP's own pre-forward (the unshard).
+        self._hooks = [
+            m.register_forward_pre_hook(self._note_gathered) for m in [*blocks, self.module]
+        ]
 
         def nbytes(params: Iterable[nn.Parameter]) -> int:
             return sum(p.numel() * p.element_size() for p in params)
@@ -308,6 +321,28 @@ class FSDPStrategy(DataParallelStrategy):
         block_params = [p for b in blocks for p in b.parameters()]
         self._gather_bytes = nbytes(all_params) + nbytes(block_params)
         self._scatter_bytes = nbytes(p for p in all_params if p.requires_grad)
+
+    def _note_gathered(self, module: nn.Module, args: Any) -> None:
+        """Parameters FSDP has just gathered: count them as parameters, now and at the peak."""
+        from torch.distributed.tensor import DTensor
+
+        gathered = [p for p in self.module.parameters() if not isinstance(p, DTensor)]
+        self.activation_meter.skip(storage_ids(gathered))
+        now = self._sharded_bytes + storage_bytes(gathered)
+        self.peak_params_bytes = max(self.peak_params_bytes, now)
+
+    def params_memory(self) -> dict[str, int]:
+        """The local shards now; at the peak, the shards plus the gathered blocks."""
+        return {
+            "params_bytes": storage_bytes(self.module.parameters()),
+            "peak_params_bytes": self.peak_params_bytes,
+        }
+
+    def close(self) -> None:
+        """Remove the memory hooks."""
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        super().close()
 
     @contextmanager
     def _without_grad_sync(self) -> Iterator[None]:
