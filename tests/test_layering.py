@@ -59,5 +59,5 @@ def test_core_never_imports_notebook_code():
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from labkit.lessons.memory import measure_memory\n")
+    probe.write_text("def f():\n    from labkit.lessons.memory import zero_memory_formula\n")
     assert labkit_imports(probe) == {"lessons"}

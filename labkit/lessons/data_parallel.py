@@ -30,6 +30,7 @@ from labkit.config import TrainConfig
 from labkit.launch import spawn
 from labkit.lessons import memory as zero
 from labkit.lessons.collectives import allreduce_benchmark, exchange, ring_all_reduce
+from labkit.lessons.traffic import measured_traffic
 from labkit.result import RunResult
 from labkit.schedules import scale_lr_linear
 from labkit.timeline import COMM_PHASES, covered, merge_intervals
@@ -244,8 +245,11 @@ def step_breakdown(runs: RunResult | Mapping[str, RunResult], skip: int = 2) -> 
     Columns: ``compute_s`` (forward, backward, optimizer), ``comm_s`` (time any communication was
     in flight), ``hidden_comm_s`` (of it, while computing), ``exposed_comm_s`` (the rest: waiting
     for the network), ``other_s`` (step time not covered by either: data, bookkeeping),
-    ``step_time_s``, ``tokens_per_s`` and ``comm_mb`` (megabytes sent per step). The first
-    ``skip`` steps (one-off set-up costs) are left out.
+    ``step_time_s``, ``tokens_per_s`` and ``comm_mb`` (megabytes sent per step: for a profiled
+    run the measured messages times the ring's factor, ``labkit.lessons.traffic``; otherwise
+    labkit's ``comm_bytes`` counter). The first ``skip`` steps (one-off set-up costs) are left
+    out. With ``profile=True`` every strategy's communication spans are the backend's own
+    records, torch's DDP and FSDP included.
     """
     runs = {"run": runs} if isinstance(runs, RunResult) else runs
     rows = []
@@ -280,6 +284,12 @@ def step_breakdown(runs: RunResult | Mapping[str, RunResult], skip: int = 2) -> 
     if frame.empty:
         return frame
     table = frame.drop(columns="step").groupby(["strategy", "rank"], sort=False).median()
+    for label, run in runs.items():  # a profiled run: the measured messages, not the counter
+        if len(run.collectives):
+            wire = measured_traffic(run, skip).groupby("rank")["ring_wire_bytes"].sum() / 1e6
+            for rank, mb in wire.items():
+                if (label, rank) in table.index:
+                    table.loc[(label, rank), "comm_mb"] = mb
     return table.reset_index()
 
 
@@ -381,66 +391,44 @@ def scaling_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- memory per rank
-def _memory_worker(
-    rank: int, world_size: int, strategies: tuple[str, ...], model: str
-) -> list[dict[str, Any]]:
-    """On each rank: one step of each strategy, then its resident bytes with gradients present."""
-    from labkit.config import TrainConfig
-    from labkit.data import global_batch, split_micro_batches
-    from labkit.parallel.base import DistContext
-    from labkit.train import Trainer
+def memory_per_rank(
+    strategies: Iterable[str] = ("ddp", "zero1", "fsdp"),
+    model: str = "micro",
+    world_size: int = 2,
+    *,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Measured bytes per rank for each strategy (``RunResult.memory``), next to the ZeRO paper.
 
-    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
-    rows = []
-    for name in strategies:
-        cfg = TrainConfig(
+    Trains two steps of each strategy with Adam on ``world_size`` Gloo processes (all in the same
+    processes, ``labkit.launch.run_many``). One row per (strategy, rank) with the measured
+    ``params_bytes`` (the resident shards), ``peak_params_bytes`` (with the gathered blocks of
+    ZeRO-3/FSDP), ``grads_bytes``, ``optimizer_bytes``, ``activations_bytes``, and
+    ``total_bytes`` (parameters + gradients + optimizer state, what the formula counts), the
+    ZeRO ``stage`` and its formula's ``paper_total_bytes`` (fp32: 4 + 4 + 8 bytes per parameter
+    before sharding).
+    """
+    from labkit.launch import run_many
+
+    configs = [
+        TrainConfig(
             model=model,
             strategy=name,
             world_size=world_size,
             steps=2,
             global_batch_size=2 * world_size,
             optimizer="adam",
+            eval_every=0,
             progress=False,
             timeline=False,
         )
-        trainer = Trainer(cfg, ctx)
-        trainer.train_step()  # creates the optimizer state (then frees the gradients)
-        s = trainer.strategy
-        x, y = global_batch(
-            trainer.corpus.train,
-            seed=cfg.seed,
-            step=1,
-            batch_size=cfg.global_batch_size,
-            block_size=trainer.model_cfg.block_size,
-        )
-        rows_ = s.batch_rows(len(x))
-        s.forward_backward(split_micro_batches(x[rows_], y[rows_], 1), y.numel(), 1)
-        s.finish_grad_sync(1)  # gradients as they are when the optimizer would step
-        measured = zero.measure_memory(s.model, trainer.optimizer)
-        n_params = sum(p.numel() for p in trainer.strategy.module.parameters() if p.requires_grad)
-        rows.append({"strategy": name, "rank": rank, "n_params": n_params, **measured})
-        s.close()
-        del trainer, s
-    return rows
-
-
-def memory_per_rank(
-    strategies: Iterable[str] = ("ddp", "zero1", "fsdp"),
-    model: str = "micro",
-    world_size: int = 2,
-    *,
-    timeout_s: float = 180.0,
-) -> pd.DataFrame:
-    """Measured bytes per rank for each strategy, next to the ZeRO paper's prediction.
-
-    Starts ``world_size`` Gloo processes (from a notebook cell too), trains one step of each
-    strategy with Adam and measures what each rank holds while its gradients are present. One row
-    per (strategy, rank): ``params_bytes``, ``grads_bytes``, ``optimizer_bytes``,
-    ``total_bytes``, the ZeRO ``stage`` and its formula's ``paper_total_bytes`` (fp32: 4 + 4 + 8
-    bytes per parameter before sharding).
-    """
-    per_rank = spawn(_memory_worker, world_size, (tuple(strategies), model), timeout_s=timeout_s)
-    frame = pd.DataFrame([row for rows in per_rank for row in rows])
+        for name in strategies
+    ]
+    results = run_many(configs, progress=progress, desc="memory per rank")
+    frames = []
+    for cfg, result in zip(configs, results, strict=True):
+        frames.append(result.memory.assign(strategy=cfg.strategy, n_params=result.info["n_params"]))
+    frame = pd.concat(frames, ignore_index=True)
     frame["total_bytes"] = frame[["params_bytes", "grads_bytes", "optimizer_bytes"]].sum(axis=1)
     frame["stage"] = frame["strategy"].map(zero.PAPER_STAGE)
     paper = zero.zero_memory_formula(int(frame["n_params"].iloc[0]), world_size).set_index("stage")

@@ -1,24 +1,18 @@
 """Memory per rank under ZeRO: the paper's formulas, and the bytes a rank really holds.
 
-``zero_memory_formula`` is the ZeRO paper's table for any parameter count and world size;
-``measure_memory`` counts the distinct storages a rank holds for parameters, gradients and
-optimizer state. The notebooks put the two side by side (formula = prediction, storages =
-measurement).
+``zero_memory_formula`` is the ZeRO paper's table for any parameter count and world size. The
+notebooks put it beside ``RunResult.memory``, what each rank measured while training (formula =
+prediction, storages = measurement; ``labkit.memory`` does the counting).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from labkit.memory import state_bytes, storage_bytes
-
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PAPER_STAGE", "measure_memory", "zero_memory_formula"]
+__all__ = ["PAPER_STAGE", "zero_memory_formula"]
 
 # Which ZeRO stage each strategy is.
 PAPER_STAGE = {
@@ -27,6 +21,8 @@ PAPER_STAGE = {
     "dp-bucketed": "DP",
     "ddp": "DP",
     "zero1": "ZeRO-1",
+    "zero2": "ZeRO-2",
+    "zero3": "ZeRO-3",
     "fsdp": "ZeRO-3",
 }
 
@@ -67,14 +63,3 @@ def zero_memory_formula(
             }
         )
     return pd.DataFrame(rows)
-
-
-def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state, right now.
-
-    Counts distinct storages, so gradients that are views of a bucket count as the bucket, and
-    a sharded parameter counts its (padded) local shard. Transient buffers (FSDP's all-gathered
-    parameters during forward, DDP's internal bucket copies) are not included.
-    """
-    params = list(model.parameters())
-    return {"params_bytes": storage_bytes(params), **state_bytes(params, optimizer)}

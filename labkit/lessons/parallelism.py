@@ -494,59 +494,7 @@ def plan_summary(frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resident_bytes(trainer: Any) -> dict[str, int]:
-    """What this rank holds while its gradients are present, as the optimizer would see them.
-
-    ``train_step`` frees the gradients at its end, so run one more forward and backward (and the
-    gradient synchronisation) on the next batch, then count distinct storages.
-    """
-    from labkit.data import global_batch, split_micro_batches
-    from labkit.lessons.memory import measure_memory
-
-    s, cfg = trainer.strategy, trainer.cfg
-    x, y = global_batch(
-        trainer.corpus.train,
-        seed=cfg.seed,
-        step=trainer.step,
-        batch_size=cfg.global_batch_size,
-        block_size=trainer.model_cfg.block_size,
-    )
-    rows = s.batch_rows(len(x))
-    s.forward_backward(split_micro_batches(x[rows], y[rows], 1), y.numel(), trainer.step)
-    s.finish_grad_sync(trainer.step)
-    return measure_memory(s.model, trainer.optimizer)
-
-
-def _strategies_worker(
-    rank: int, world_size: int, configs: list[TrainConfig], progress: Any
-) -> list[dict[str, Any]]:
-    """On every rank: train each config for its steps, then measure its memory; one row each."""
-    from labkit.parallel.base import DistContext
-    from labkit.train import Trainer
-
-    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
-    out = []
-    for cfg in configs:
-        trainer = Trainer(cfg, ctx)
-        steps = []
-        for _ in range(cfg.steps):
-            steps.append(trainer.train_step())
-            if rank == 0:
-                progress.value += 1
-        memory = _resident_bytes(trainer)
-        trainer.strategy.close()
-        steady = pd.DataFrame(steps[1:] or steps)  # step 0 warms up caches and allocators
-        out.append(
-            {
-                "strategy": cfg.strategy,
-                "rank": rank,
-                **memory,
-                "comm_bytes": int(steady["comm_bytes"].median()),
-                "step_time_s": float(steady["step_time_s"].median()),
-                "loss": steps[-1]["loss"],
-            }
-        )
-    return out
+MEMORY_COLUMNS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")
 
 
 def measure_strategies(
@@ -557,22 +505,22 @@ def measure_strategies(
     steps: int = 3,
     global_batch_size: int = 8,
     progress: bool = True,
-    timeout_s: float = 180.0,
     **config: Any,
 ) -> pd.DataFrame:
     """Train each strategy for ``steps`` steps on ``world_size`` Gloo processes; measure each rank.
 
-    All strategies run one after the other in the same processes (paying the start-up once),
-    through the same training loop as ``labkit.run``, with the same config (``TrainConfig``
+    All strategies run one after the other in the same processes (``labkit.launch.run_many``,
+    paying the start-up once), profiled (``profile=True``), with the same config (``TrainConfig``
     fields in ``config``; ``micro_batches``, 2 by default, applies to the pipeline only).
-    One row per (strategy, rank): ``params_bytes``, ``grads_bytes``, ``optimizer_bytes`` (held
-    while the gradients are present, ``labkit.lessons.memory.measure_memory``), ``total_bytes``,
-    ``comm_bytes`` (what the strategy counted per step, median over the steps after the first),
-    ``step_time_s`` and the last ``loss``. Configs are validated before any process starts.
+    One row per (strategy, rank), all measured: ``params_bytes``, ``grads_bytes``,
+    ``optimizer_bytes`` and ``activations_bytes`` (``RunResult.memory``), ``total_bytes``
+    (the first three), ``payload_bytes`` (the messages handed to the backend per step) and
+    ``wire_bytes`` (those messages times the ring's factor, ``labkit.lessons.traffic``);
+    next to them ``comm_bytes``, labkit's counter (the ring formula applied to the strategy's
+    plan), ``step_time_s`` (median after the first step) and the last ``loss``.
     """
-    from tqdm.auto import tqdm
-
-    from labkit.supervisor import Counter, spawn_with_logs
+    from labkit.launch import run_many
+    from labkit.lessons.traffic import measured_traffic
 
     base = dict(
         model=model,
@@ -581,6 +529,7 @@ def measure_strategies(
         global_batch_size=global_batch_size,
         eval_every=0,
         progress=False,
+        profile=True,
     )
     base.update(config)
     pp_micro_batches = base.pop("micro_batches", 2)
@@ -590,32 +539,30 @@ def measure_strategies(
         )
         for s in strategies
     ]
-    counter = Counter()
-    bar = tqdm(
-        total=steps * len(configs), desc=" + ".join(strategies), disable=not progress, leave=False
-    )
-
-    def show_progress() -> None:  # the parent calls it while it watches the workers
-        bar.n = counter.value
-        bar.refresh()
-
-    try:
-        per_rank, _ = spawn_with_logs(
-            _strategies_worker,
-            world_size,
-            (configs, counter),
-            timeout_s=timeout_s,
-            deadline_s=timeout_s,
-            threads=1,
-            on_poll=show_progress,
-        )
-    finally:
-        bar.close()
-    frame = pd.DataFrame([row for rows in per_rank for row in rows])
+    results = run_many(configs, progress=progress, desc=" + ".join(strategies))
+    rows = []
+    for cfg, result in zip(configs, results, strict=True):
+        traffic = measured_traffic(result).groupby("rank")[["payload_bytes", "ring_wire_bytes"]]
+        traffic = traffic.sum()
+        m = result.metrics
+        steady = m[m["step"] >= 1] if m["step"].nunique() > 1 else m
+        for rank, mem in result.memory.set_index("rank").iterrows():
+            mine = steady[steady["rank"] == rank]
+            rows.append(
+                {
+                    "strategy": cfg.strategy,
+                    "rank": int(rank),
+                    **{k: int(mem[k]) for k in MEMORY_COLUMNS},
+                    "payload_bytes": float(traffic["payload_bytes"].get(rank, 0.0)),
+                    "wire_bytes": float(traffic["ring_wire_bytes"].get(rank, 0.0)),
+                    "comm_bytes": int(mine["comm_bytes"].median()),
+                    "step_time_s": float(mine["step_time_s"].median()),
+                    "loss": float(m[m["rank"] == rank]["loss"].iloc[-1]),
+                }
+            )
+    frame = pd.DataFrame(rows)
     frame["total_bytes"] = frame[["params_bytes", "grads_bytes", "optimizer_bytes"]].sum(axis=1)
-    frame["_order"] = frame["strategy"].map(list(strategies).index)
-    frame = frame.sort_values(["_order", "rank"], kind="stable").drop(columns="_order")
-    return frame.reset_index(drop=True)
+    return frame
 
 
 def measured_vs_formula(measured: pd.DataFrame, **formula_kwargs: Any) -> pd.DataFrame:
@@ -636,7 +583,8 @@ def measured_vs_formula(measured: pd.DataFrame, **formula_kwargs: Any) -> pd.Dat
             "rank": both["rank"],
             "memory MiB": (both["total_bytes"] / mib).round(3),
             "memory MiB (formula)": (both["total_bytes_formula"] / mib).round(3),
-            "sent MB/step": (both["comm_bytes"] / mb).round(3),
+            "sent MB/step (measured messages, ring)": (both["wire_bytes"] / mb).round(3),
+            "sent MB/step (labkit's counter)": (both["comm_bytes"] / mb).round(3),
             "sent MB/step (formula)": (both["comm_bytes_formula"] / mb).round(3),
         }
     )

@@ -338,6 +338,14 @@ class FSDPStrategy(DataParallelStrategy):
             "peak_params_bytes": self.peak_params_bytes,
         }
 
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """As every strategy, then free the root's gathered parameters: a forward without
+        backward leaves them unsharded (FSDP2 reshards the root after backward)."""
+        try:
+            return super().evaluate(batches)
+        finally:
+            self.module.reshard()
+
     def close(self) -> None:
         """Remove the memory hooks."""
         for hook in getattr(self, "_hooks", []):

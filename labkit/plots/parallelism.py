@@ -289,7 +289,8 @@ def plot_strategies(
     labels = [f"r{r}" for r in frame["rank"]]
 
     _stacked_memory(ax_mem, frame, x, MIB)
-    ax_comm.bar(x, frame["comm_bytes"] / MB, color="C3", width=0.7, label="measured")
+    measured = frame["wire_bytes"] if "wire_bytes" in frame else frame["comm_bytes"]
+    ax_comm.bar(x, measured / MB, color="C3", width=0.7, label="measured messages (ring)")
     if formula is not None:
         kwargs = dict(color="black", ms=14, mew=2, linestyle="none")
         ax_mem.plot(x, frame["total_bytes_formula"] / MIB, "_", label="formula", **kwargs)
