@@ -291,6 +291,8 @@ class Trainer:
             "compute_s": compute_s,
             "comm_s": comm_s,
             "comm_bytes": s.comm_bytes,
+            # fp16: the GradScaler's scale after this step (it halves on an overflow).
+            "loss_scale": s.scaler.get_scale() if s.scaler is not None else float("nan"),
             **{f"comm_bytes_{dim}": n for dim, n in s.bytes_sent.items()},
             "val_loss": float("nan"),
         }

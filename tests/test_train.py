@@ -140,6 +140,8 @@ def test_fp16_overflow_skips_exactly_that_step_and_the_schedule_goes_on():
     hit = labkit.run(**kw, fault="overflow:0:2")
     assert hit.metrics["skipped"].tolist() == [False, False, True, False]
     assert hit.info["skipped_steps"] == 1
+    scale = hit.metrics["loss_scale"].tolist()  # the scaler halves its scale on the overflow
+    assert scale[2] == scale[1] / 2 and scale[3] == scale[2]
     assert hit.metrics["lr"].tolist() == clean.metrics["lr"].tolist()
     # Until the overflow the runs are the same; the skipped step left the weights as they were.
     assert hit.metrics["loss"].tolist()[:3] == clean.metrics["loss"].tolist()[:3]
