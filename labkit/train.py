@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import checkpoint as ckpt
-from labkit.clip import make_clipper, per_layer_grad_norms
+from labkit.clip import make_clipper
 from labkit.config import TrainConfig
 from labkit.data import global_batch, load_corpus, split_micro_batches, validation_batches
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
@@ -171,6 +171,7 @@ class Trainer:
             "rng": _rng_state(),
             "skipped": self.skipped,
             "metrics": self.metrics,
+            "layer_norms": self.layer_norms,
         }
         ckpt.save_atomic(state, ckpt.rank_file(root, self.step, self.ctx.rank))
         self.ctx.barrier()  # every rank's file is on disk before meta.json marks it complete
@@ -213,6 +214,7 @@ class Trainer:
             self.strategy.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step, self.skipped, self.metrics = step, state["skipped"], state["metrics"]
+        self.layer_norms = list(state.get("layer_norms", []))  # older checkpoints lack them
         return True
 
     # ------------------------------------------------------------------ one step
@@ -247,7 +249,7 @@ class Trainer:
             if s.scaler is not None:
                 s.scaler.unscale_(self.optimizer)
             if cfg.layer_norms:
-                for name, value in per_layer_grad_norms(s.module).items():
+                for name, value in s.layer_grad_norms().items():
                     self.layer_norms.append((step, self.ctx.rank, name, value))
             norm = float(s.clip_gradients(self.clipper))
             clipped = float(s.grad_norm())

@@ -31,6 +31,7 @@ BASE = dict(
     freeze=("embed.pos",),
     progress=False,
     timeout_s=60.0,
+    layer_norms=True,
 )
 STRATEGIES = ["dp-naive", "dp-bucketed", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 REL = 1e-5
@@ -66,6 +67,21 @@ def assert_equivalent(single: labkit.RunResult, result: labkit.RunResult) -> Non
             )
         # The LR is a pure function of the step: bit-identical everywhere.
         assert mine["lr"].tolist() == ref["lr"].tolist()
+
+    # Per-parameter gradient norms (before clipping), on every rank, even where each rank holds
+    # only a shard of the gradients (zero2, zero3, fsdp).
+    want = single.layer_norms.set_index(["step", "name"])["grad_norm"]
+    for rank in (0, 1):
+        norms = result.layer_norms
+        got = norms[norms["rank"] == rank].set_index(["step", "name"])["grad_norm"]
+        assert set(got.index) == set(want.index)
+        torch.testing.assert_close(
+            torch.tensor(got.loc[want.index].to_numpy()),
+            torch.tensor(want.to_numpy()),
+            rtol=REL,
+            atol=1e-9,
+            msg=f"rank {rank} per-layer norms",
+        )
 
 
 def test_reference_really_clips_and_schedules(single):

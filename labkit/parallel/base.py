@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.clip import GradPieces, global_grad_norm
+from labkit.clip import GradPieces, global_grad_norm, per_layer_grad_norms
 from labkit.data import shard_rows
 from labkit.memory import SavedTensorMeter, state_bytes, storage_bytes, storage_ids
 from labkit.model import GPT, lm_loss_sum
@@ -314,6 +314,11 @@ class Strategy:
             else:
                 full[key] = pieces[min(pieces)]
         return full
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Each parameter's gradient norm on this rank (``TrainConfig.layer_norms``); flavours
+        whose gradients live in shards override it."""
+        return per_layer_grad_norms(self.module)
 
     def param_storage_ids(self) -> set[int]:
         """The storages that hold parameters (flavours with flat buffers add theirs)."""

@@ -279,6 +279,27 @@ class _ShardedDP(DataParallelStrategy):
         """The gradient shards; the norm combines them over dp (and pp, tp)."""
         return [(flat.shard, flat.replicated) for flat in self.flats]
 
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Each parameter's gradient norm, from the shards: every rank sums the squares of the
+        part of each parameter its shard covers, one all-reduce over dp adds them up."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        keys, pieces = [], []
+        for flat in self.flats:
+            grad = flat.shard.grad
+            lo = flat.rank * flat.shard_numel
+            for p, offset in zip(flat.params, flat.offsets, strict=True):
+                keys.append(names[id(p)])
+                a, b = max(offset, lo), min(offset + p.numel(), lo + flat.shard_numel)
+                if grad is None or a >= b:
+                    pieces.append(torch.zeros((), dtype=torch.float32, device=flat.full.device))
+                else:
+                    pieces.append(grad[a - lo : b - lo].float().pow(2).sum())
+        if not pieces:
+            return {}
+        squares = torch.stack(pieces)
+        dist.all_reduce(squares, group=self.dp_group)
+        return dict(zip(keys, squares.sqrt().cpu().tolist(), strict=True))
+
     def param_storage_ids(self) -> set[int]:
         """Flat buffers and shards: every view of them is a parameter, not an activation."""
         return storage_ids([f.full for f in self.flats] + [f.shard for f in self.flats]) | (

@@ -389,6 +389,17 @@ class FSDPStrategy(DataParallelStrategy):
             pieces.append((piece, name not in self.tp_shard_dims))
         return pieces
 
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Each parameter's gradient norm: squares of the local shards, summed over dp."""
+        named = [
+            (n, p.grad.to_local()) for n, p in self.module.named_parameters() if p.grad is not None
+        ]
+        if not named:
+            return {}
+        squares = torch.stack([g.float().pow(2).sum() for _, g in named])
+        dist.all_reduce(squares, group=self.dp_group)
+        return dict(zip([n for n, _ in named], squares.sqrt().cpu().tolist(), strict=True))
+
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's shards, as plain tensors (keyed like the model's state dict)."""
         return {
