@@ -16,7 +16,7 @@ lives here is the set-up of each demonstration, so that the notebook cells stay 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -25,6 +25,7 @@ from labkit.config import TrainConfig
 from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
 from labkit.model import count_params
 from labkit.parallel.pipeline import Order, gpipe_order, one_f_one_b_order, stage_bounds
+from labkit.parallel.pp_orders import ORDERS, bubble_formula
 from labkit.result import RunResult
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SCHEDULES",
     "run_pipelines",
     "simulate_schedule",
+    "simulated_bubbles",
     "stage_table",
     "sweep_table",
 ]
@@ -52,7 +54,7 @@ PIPELINE: dict[str, Any] = {
 }
 
 # The hand-written schedules by strategy name; pp-torch runs torch's own 1F1B.
-SCHEDULES: dict[str, Callable[[int, int, int], Order]] = {
+SCHEDULES: dict[str, Callable[..., Order]] = {
     "pp-gpipe": gpipe_order,
     "pp-1f1b": one_f_one_b_order,
 }
@@ -91,49 +93,102 @@ def stage_table(model: str = "small", world_size: int = 2, balance: str = "layer
 
 
 def simulate_schedule(
-    schedule: str | Callable[[int, int, int], Order],
+    schedule: str | Callable[..., Order],
     n_micro: int,
     n_stages: int,
     forward_s: float = 1.0,
     backward_s: float = 2.0,
+    *,
+    n_chunks: int = 1,
+    weight_s: float | None = None,
 ) -> pd.DataFrame:
     """The timeline a schedule would produce if every stage took the same time and sends were free.
 
-    ``schedule`` is a strategy name (``"pp-gpipe"``, ``"pp-1f1b"``) or an order function such as
-    ``gpipe_order``. Each stage runs its actions in order, each as early as it can: the forward of
-    micro-batch ``i`` needs the previous stage's forward of ``i``, its backward the next stage's
-    backward of ``i``. A backward costs about twice a forward (two matrix products per weight
-    instead of one), hence the default times. Returns one step's events in the columns of
-    ``RunResult.timeline`` (``start_s``/``end_s`` in these time units).
+    ``schedule`` is a strategy name (``"pp-gpipe"``, ``"pp-1f1b"``), a ``pp_schedule`` name
+    (``"interleaved-1f1b"``, ``"zb-h1"``, ...) or an order function such as ``gpipe_order``.
+    Each stage runs its actions in order, each as early as it can: a forward needs the previous
+    virtual stage's forward of the same micro-batch, a backward the next one's backward (the
+    last stage's, its own forward), a weight pass (``W``) its own backward. A backward costs
+    about twice a forward (two matrix products per weight instead of one), hence the default
+    times; with ``n_chunks = v`` each chunk costs ``1/v`` of them. A schedule that splits the
+    backward spends ``weight_s`` (half the backward by default) in ``W`` and the rest in ``B``.
+    Returns one step's events in the columns of ``RunResult.timeline`` (``start_s``/``end_s`` in
+    these time units) plus ``chunk``; W passes have the phase ``"weight"``.
     """
-    order_fn = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
-    orders = [order_fn(n_micro, s, n_stages) for s in range(n_stages)]
-    done: dict[tuple[str, int, int], float] = {}  # (action, stage, micro-batch) -> end time
-    free = [0.0] * n_stages  # when each stage finishes its previous action
-    position = [0] * n_stages  # the next action of each stage
+    if isinstance(schedule, str):
+        order_fn = SCHEDULES.get(schedule) or ORDERS[schedule]
+    else:
+        order_fn = schedule
+    p, v = n_stages, n_chunks
+    orders = [order_fn(n_micro, s, p, v) for s in range(p)]
+    split = any(a[0] == "W" for order in orders for a in order)
+    w = (backward_s / 2 if weight_s is None else weight_s) if split else 0.0
+    cost = {"F": forward_s / v, "B": (backward_s - w) / v, "W": w / v}
+    phase = {"F": "forward", "B": "backward", "W": "weight"}
+    last = p * v - 1  # the last virtual stage computes the loss
+    done: dict[tuple[str, int, int], float] = {}  # (action, virtual stage, micro-batch) -> end
+    free = [0.0] * p  # when each stage finishes its previous action
+    position = [0] * p  # the next action of each stage
     rows = []
-    while any(position[s] < len(orders[s]) for s in range(n_stages)):
+    while any(position[s] < len(orders[s]) for s in range(p)):
         progressed = False
-        for s in range(n_stages):
+        for s in range(p):
             if position[s] == len(orders[s]):
                 continue
-            action, i = orders[s][position[s]]
+            action, i, *rest = orders[s][position[s]]
+            chunk = rest[0] if rest else 0
+            vs = chunk * p + s
             if action == "F":
-                needs = ("F", s - 1, i) if s > 0 else None
+                needs = ("F", vs - 1, i) if vs > 0 else None
+            elif action == "B":
+                needs = ("B", vs + 1, i) if vs < last else ("F", vs, i)
             else:
-                needs = ("B", s + 1, i) if s < n_stages - 1 else ("F", s, i)
+                needs = ("B", vs, i)
             if needs is not None and needs not in done:
                 continue  # waiting for a neighbour: this is where the bubble comes from
             start = max(free[s], done[needs] if needs else 0.0)
-            end = start + (forward_s if action == "F" else backward_s)
-            done[(action, s, i)] = free[s] = end
-            phase = "forward" if action == "F" else "backward"
-            rows.append((s, 0, i, phase, start, end))
+            end = start + cost[action]
+            done[(action, vs, i)] = free[s] = end
+            rows.append((s, 0, i, phase[action], start, end, chunk))
             position[s] += 1
             progressed = True
         if not progressed:
             raise ValueError("the schedule deadlocks: every stage waits for another")
-    return pd.DataFrame(rows, columns=["rank", "step", "micro_batch", "phase", "start_s", "end_s"])
+    columns = ["rank", "step", "micro_batch", "phase", "start_s", "end_s", "chunk"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def simulated_bubbles(
+    schedules: Sequence[str], stages: Sequence[int], micro: Sequence[int], n_chunks: int = 2
+) -> pd.DataFrame:
+    """Simulated against textbook bubble fractions for every schedule, p and m.
+
+    Costs: forward 1, backward 2 (zero-bubble schedules: B 1 and W 1). One row per
+    (schedule, p, m): ``simulated`` (the idle share of a stage's step, ``bubble_fraction`` of
+    ``simulate_schedule``, the largest over stages) and ``formula`` (``pp_orders.bubble_formula``).
+    """
+    rows = []
+    for name in schedules:
+        v = n_chunks if name == "interleaved-1f1b" else 1
+        for p in stages:
+            for m in micro:
+                if name == "interleaved-1f1b" and m % p:
+                    continue  # the schedule needs m to be a multiple of p
+                if name == "zb-h1" and m < p:
+                    continue  # the formula is for m >= p (Qi et al.'s setting)
+                tl = simulate_schedule(name, m, p, n_chunks=v)
+                bubble = bubble_fraction(tl, micro_batches=m, skip_steps=0)["bubble"].max()
+                rows.append(
+                    {
+                        "schedule": name,
+                        "p": p,
+                        "m": m,
+                        "v": v,
+                        "simulated": float(bubble),
+                        "formula": bubble_formula(name, m, p, v),
+                    }
+                )
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pandas as pd
 
 __all__ = ["PIPELINE_PHASES", "bubble_fraction", "peak_activations"]
 
-PIPELINE_PHASES = ("forward", "backward", "send", "recv")
+PIPELINE_PHASES = ("forward", "backward", "weight", "send", "recv")
+COMPUTE_PHASES = ("forward", "backward", "weight")  # "weight": a split-off W pass
 
 
 def _steady(timeline: pd.DataFrame, skip_steps: int) -> pd.DataFrame:
@@ -48,7 +49,7 @@ def bubble_fraction(
     bubble, theory``.
     """
     tl = _steady(timeline, skip_steps)
-    compute = tl[tl["phase"].isin(("forward", "backward"))]
+    compute = tl[tl["phase"].isin(COMPUTE_PHASES)]
     if compute.empty:
         raise ValueError("the timeline holds no forward/backward events")
     p = int(compute["rank"].nunique())

@@ -9,9 +9,10 @@ Read this file top to bottom:
    it keeps have their original names (``blocks.1.attn.q.weight``), and the pruned GPT's own
    ``forward`` is exactly this stage's forward: the placeholders pass activations through.
 2. **Schedules**, written out as the list of actions one stage performs, ``("F", i)`` for the
-   forward of micro-batch ``i`` and ``("B", i)`` for its backward:
-   ``gpipe_order`` (all forwards, then all backwards) and ``one_f_one_b_order`` (a few warm-up
-   forwards, then one forward / one backward, then the remaining backwards). Print them!
+   forward of micro-batch ``i`` and ``("B", i)`` for its backward, live in
+   ``labkit.parallel.pp_orders``: ``gpipe_order`` (all forwards, then all backwards) and
+   ``one_f_one_b_order`` (a few warm-up forwards, then one forward / one backward, then the
+   remaining backwards), and the newer interleaved and zero-bubble orders. Print them!
 3. **Running a schedule** (``Pipeline``, one stage of one pipeline of the mesh): a forward receives the activation
    ``[rows, T, d_model]`` from the previous stage, runs the stage, and sends its output on; a
    backward receives the gradient of that output from the next stage, back-propagates, and sends
@@ -41,12 +42,25 @@ from torch import nn
 
 from labkit.data import shard_rows, split_micro_batches
 from labkit.model import GPT, count_params, lm_loss_sum
+from labkit.parallel.pp_orders import ORDERS, Order, gpipe_order, one_f_one_b_order
+
+__all__ = [
+    "ORDERS",
+    "Order",
+    "Pipeline",
+    "TorchPipeline",
+    "gpipe_order",
+    "keep_stage",
+    "make_pipeline",
+    "one_f_one_b_order",
+    "split_by_cost",
+    "split_by_layers",
+    "stage_bounds",
+]
 
 # The residual stream stays float32 even under bf16 autocast (x + f(x) promotes), so activations
 # and their gradients travel between stages in float32.
 ACTIVATION_DTYPE = torch.float32
-
-Order = list[tuple[str, int]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,36 +130,8 @@ def keep_stage(model: GPT, start: int, stop: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Schedules: the order in which one stage runs forwards and backwards
+# 2. Schedules: the order in which one stage runs forwards and backwards (``pp_orders``)
 # ---------------------------------------------------------------------------------------------
-
-
-def gpipe_order(n_micro: int, stage: int, n_stages: int) -> Order:
-    """GPipe (Huang et al. 2019): every forward, then every backward.
-
-    Simple, but each stage holds the activations of all ``n_micro`` micro-batches at once.
-    """
-    return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
-
-
-def one_f_one_b_order(n_micro: int, stage: int, n_stages: int) -> Order:
-    """1F1B (PipeDream-Flush, Narayanan et al. 2021): same bubble as GPipe, far less memory.
-
-    Stage ``s`` runs ``p - s - 1`` warm-up forwards (just enough to keep the stages after it
-    busy), then alternates one forward with one backward, then finishes the backwards. A
-    micro-batch's activations are freed by its backward, so at most ``p - s`` are alive.
-    """
-    warmup = min(n_stages - stage - 1, n_micro)
-    order: Order = [("F", i) for i in range(warmup)]
-    for i in range(n_micro - warmup):
-        order += [("F", warmup + i), ("B", i)]
-    order += [("B", i) for i in range(n_micro - warmup, n_micro)]
-    return order
-
-
-# Hand-written schedules by name (the names are rows of labkit.parallel.presets.PP_SCHEDULES).
-ORDERS = {"gpipe": gpipe_order, "1f1b": one_f_one_b_order}
-
 
 # ---------------------------------------------------------------------------------------------
 # 3. Running a schedule: this rank's stage of one pipeline of the mesh
