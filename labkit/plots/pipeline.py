@@ -42,6 +42,7 @@ __all__ = [
 PHASE_STYLE: dict[str, tuple[str, str, bool]] = {
     "forward": ("C0", "forward", True),
     "backward": ("C1", "backward", True),
+    "weight": ("C2", "weight gradient (W)", True),
     "recv": ("0.85", "recv (waiting for a neighbour)", True),
     "send": ("C3", "send / wait for sends", False),
     "wait": ("C3", "send / wait for sends", False),
@@ -170,11 +171,16 @@ def plot_gantt(
 
 
 def plot_gantts(
-    runs: Mapping[str, Any], step: int | None = None, title: str | None = None
+    runs: Mapping[str, Any],
+    step: int | None = None,
+    title: str | None = None,
+    formulas: Mapping[str, float] | None = None,
 ) -> Figure:
     """Several Gantt charts stacked on one time axis: ``{label: RunResult or timeline}``.
 
-    With a shared axis, a shorter chart means a faster step.
+    With a shared axis, a shorter chart means a faster step. ``formulas`` (label -> bubble
+    fraction) replaces the GPipe/1F1B theory in the titles, for schedules with their own
+    formula (``labkit.parallel.pp_orders.bubble_formula``).
     """
     n = len(runs)
     first = next(iter(runs.values()))
@@ -189,7 +195,12 @@ def plot_gantts(
         events = _timeline(run)
         events = events[events["step"] == drawn]
         longest = max(longest, (events["end_s"].max() - events["start_s"].min()) * scale)
-        ax.set_title(bubble_title(run, label), fontsize=9, loc="left")
+        heading = bubble_title(run, label)
+        if formulas is not None and label in formulas:
+            measured = bubble_fraction(_timeline(run))["bubble"].mean()
+            kind = "measured" if hasattr(run, "config") else "simulated"
+            heading = f"{label}: bubble {measured:.3f} {kind}, formula {formulas[label]:.3f}"
+        ax.set_title(heading, fontsize=9, loc="left")
     for ax in axes:
         ax.set_xlim(0, longest * 1.01)
     if title:
