@@ -120,7 +120,8 @@ def simulate_schedule(
     else:
         order_fn = schedule
     p, v = n_stages, n_chunks
-    orders = [order_fn(n_micro, s, p, v) for s in range(p)]
+    # An order function of one's own may take (n_micro, stage, n_stages) only.
+    orders = [order_fn(n_micro, s, p) if v == 1 else order_fn(n_micro, s, p, v) for s in range(p)]
     split = any(a[0] == "W" for order in orders for a in order)
     w = (backward_s / 2 if weight_s is None else weight_s) if split else 0.0
     cost = {"F": forward_s / v, "B": (backward_s - w) / v, "W": w / v}
