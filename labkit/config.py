@@ -123,7 +123,9 @@ class TrainConfig:
     pp: int | None = None
     tp: int | None = None
     dp_impl: str | None = None  # how dp is done: naive, bucketed, ddp, zero1, zero2, zero3, fsdp
-    pp_schedule: str | None = None  # gpipe, 1f1b, torch-gpipe, torch-1f1b
+    pp_schedule: str | None = None  # gpipe, 1f1b, interleaved-1f1b, zb-h1, torch-gpipe, torch-1f1b
+    # Chunks of layers per pipeline rank (virtual stages); > 1 with interleaved-1f1b only.
+    pp_virtual_stages: int = 1
     backend: str = "auto"
     device: str = "auto"
     bucket_mb: float = 25.0
@@ -232,6 +234,7 @@ class TrainConfig:
             "global_batch_size",
             "grad_accum_steps",
             "micro_batches",
+            "pp_virtual_stages",
         ):
             self._check_int(name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
@@ -292,6 +295,48 @@ class TrainConfig:
         self._validate_fault()
         self._validate_parallel()
         self._validate_schedule()
+
+    def _check_pipeline_schedule(self, n_layer: int) -> None:
+        """What the hand-written interleaved and zero-bubble executors support (pp > 1)."""
+        pp, v, sched = self.pp, self.pp_virtual_stages, self.pp_schedule
+        if sched == "interleaved-1f1b":
+            if v < 2:
+                _fail("pp_virtual_stages", v, "interleaved-1f1b needs at least 2 chunks per rank")
+            if pp * v > n_layer + 2:
+                _fail(
+                    "pp_virtual_stages",
+                    v,
+                    f"pp*pp_virtual_stages={pp * v} chunks need as many layers: model "
+                    f"{self.model!r} has {n_layer + 2} (embedding, {n_layer} blocks, head)",
+                )
+            if self.micro_batches % pp:
+                _fail(
+                    "micro_batches",
+                    self.micro_batches,
+                    f"interleaved-1f1b runs micro-batches in groups of pp={pp}: use a multiple",
+                )
+            if self.dp > 1 and self.dp_impl not in ("naive", "bucketed", "zero1"):
+                _fail(
+                    "dp_impl",
+                    self.dp_impl,
+                    "interleaved-1f1b runs its chunks layer by layer, past the module's own "
+                    "forward; with dp > 1 use 'naive', 'bucketed' or 'zero1'",
+                )
+        if sched == "zb-h1":
+            for name, allowed in (("dp", 1), ("tp", 1)):
+                if getattr(self, name) != allowed:
+                    _fail(
+                        self._mesh_field(name),
+                        getattr(self, self._mesh_field(name)),
+                        f"zb-h1's split backward runs with pp only here (dp=1, tp=1); got {name}="
+                        f"{getattr(self, name)}",
+                    )
+            if self.precision != "fp32":
+                _fail(
+                    "precision",
+                    self.precision,
+                    "zb-h1's weight-gradient pass computes in float32: use precision='fp32'",
+                )
 
     def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -378,6 +423,7 @@ class TrainConfig:
                     "pipeline schedule runs before earlier backwards; use 'bucketed' (the same "
                     "algorithm by hand) or another dp_impl with pp > 1",
                 )
+            self._check_pipeline_schedule(preset.n_layer)
             if sched.startswith("torch-"):
                 if self.micro_batches < pp:
                     _fail(
@@ -394,6 +440,12 @@ class TrainConfig:
                     )
         elif self.micro_batches != 1:
             _fail("micro_batches", self.micro_batches, "only pipelines (pp > 1) use it; use 1")
+        if self.pp_virtual_stages != 1 and (pp == 1 or sched != "interleaved-1f1b"):
+            _fail(
+                "pp_virtual_stages",
+                self.pp_virtual_stages,
+                "only pp_schedule='interleaved-1f1b' with pp > 1 holds several chunks per rank; use 1",
+            )
         if tp > 1:
             if self.clip == "agc":
                 _fail(

@@ -16,7 +16,12 @@ Read this file top to bottom:
 3. **Running a schedule** (``Pipeline``, one stage of one pipeline of the mesh): a forward receives the activation
    ``[rows, T, d_model]`` from the previous stage, runs the stage, and sends its output on; a
    backward receives the gradient of that output from the next stage, back-propagates, and sends
-   the gradient of its input back. The last stage computes the loss. Shapes are known from the
+   the gradient of its input back. The last stage computes the loss. With
+   ``pp_virtual_stages = v > 1`` (interleaved 1F1B) the model is cut into ``p * v`` chunks and
+   rank ``r`` runs chunks ``r, r + p, ...``: the last rank's output wraps round to the first,
+   and every message carries a tag naming its micro-batch and chunk. Under ``zb-h1`` a backward
+   ("B") computes only the input's gradient and a later "W" action the weights'
+   (``labkit.parallel.split_backward``). Shapes are known from the
    batch every rank can compute for itself, so no shape handshake is needed. Naive model
    parallelism is this same code with ``micro_batches=1``.
 4. ``TorchPipeline``: the same stages run by ``torch.distributed.pipelining``
@@ -43,6 +48,7 @@ from torch import nn
 from labkit.data import shard_rows, split_micro_batches
 from labkit.model import GPT, count_params, lm_loss_sum
 from labkit.parallel.pp_orders import ORDERS, Order, gpipe_order, one_f_one_b_order
+from labkit.parallel.split_backward import WeightGradStash, split_linear_layers
 
 __all__ = [
     "ORDERS",
@@ -50,6 +56,7 @@ __all__ = [
     "Pipeline",
     "TorchPipeline",
     "gpipe_order",
+    "keep_chunks",
     "keep_stage",
     "make_pipeline",
     "one_f_one_b_order",
@@ -124,8 +131,13 @@ def stage_bounds(model: GPT, n_stages: int, balance: str = "layers") -> list[tup
 
 def keep_stage(model: GPT, start: int, stop: int) -> None:
     """Replace every layer outside ``layers()[start:stop]`` by an ``nn.Identity``, in place."""
+    keep_chunks(model, [(start, stop)])
+
+
+def keep_chunks(model: GPT, bounds: list[tuple[int, int]]) -> None:
+    """Replace every layer outside all the ``(start, stop)`` ranges by an ``nn.Identity``."""
     for index, name in enumerate(model.layer_names()):
-        if not start <= index < stop:
+        if not any(start <= index < stop for start, stop in bounds):
             model.set_submodule(name, nn.Identity())
 
 
@@ -149,45 +161,83 @@ class Pipeline:
 
     def __init__(self, strategy: Any, model: GPT) -> None:
         self.s = strategy
-        mesh = strategy.mesh
+        mesh, cfg = strategy.mesh, strategy.cfg
         self.n_stages, self.stage = mesh.size("pp"), mesh.local_rank("pp")
-        self.is_first, self.is_last = self.stage == 0, self.stage == self.n_stages - 1
+        p = self.n_stages
+        self.is_first, self.is_last = self.stage == 0, self.stage == p - 1
         self.prev = mesh.peer("pp", self.stage - 1) if not self.is_first else None
         self.next = mesh.peer("pp", self.stage + 1) if not self.is_last else None
+        # With v chunks per rank the ring wraps: chunk c of the last rank feeds chunk c + 1 of
+        # the first, so every rank has a neighbour on both sides.
+        self.prev_rank = mesh.peer("pp", (self.stage - 1) % p)
+        self.next_rank = mesh.peer("pp", (self.stage + 1) % p)
         self.group = mesh.group("pp")
         self.width = model.cfg.d_model
-        self.bounds = stage_bounds(model, self.n_stages, strategy.cfg.pp_balance)
-        start, stop = self.bounds[self.stage]
-        self.stage_layer_names = model.layer_names()[start:stop]  # e.g. ["blocks.1", "head"]
-        keep_stage(model, start, stop)
-        self.order_fn = ORDERS.get(strategy.cfg.pp_schedule)
+        self.n_chunks = cfg.pp_virtual_stages
+        self.n_virtual = p * self.n_chunks
+        self.bounds = stage_bounds(model, self.n_virtual, cfg.pp_balance)
+        # Rank r runs virtual stages r, r + p, r + 2p, ...: chunk c is virtual stage c * p + r.
+        mine = [self.bounds[c * p + self.stage] for c in range(self.n_chunks)]
+        names = model.layer_names()
+        self.chunk_layer_names = [names[start:stop] for start, stop in mine]
+        self.stage_layer_names = [n for chunk in self.chunk_layer_names for n in chunk]
+        keep_chunks(model, mine)
+        self.order_fn = ORDERS.get(cfg.pp_schedule)
+        self.stash: WeightGradStash | None = None
+        if cfg.pp_schedule == "zb-h1":
+            self.stash = WeightGradStash()
+            split_linear_layers(model, self.stash)
         self._pending: list[tuple[Any, torch.Tensor]] = []  # isend works and their tensors
 
     def start(self) -> None:
         """Called once the module is wrapped (torch's schedules build their stage here)."""
+        module = self.s.module
+        self.chunk_layers = [[module.get_submodule(n) for n in c] for c in self.chunk_layer_names]
 
     def order(self, n_micro: int) -> Order:
         """This stage's actions for ``n_micro`` micro-batches (see ``gpipe_order``)."""
-        return self.order_fn(n_micro, self.stage, self.n_stages)
+        if self.n_chunks == 1:
+            return self.order_fn(n_micro, self.stage, self.n_stages)
+        return self.order_fn(n_micro, self.stage, self.n_stages, self.n_chunks)
+
+    def _virtual(self, chunk: int) -> int:
+        return chunk * self.n_stages + self.stage
+
+    def _tag(self, mb: int, virtual_stage: int, gradient: bool) -> int:
+        """A tag per message: the activation going into a virtual stage, or the gradient of its
+        output. Between two ranks both kinds flow both ways once chunks wrap around (p = 2:
+        rank 0 sends activations and gradients to rank 1), so the order of posting alone cannot
+        tell a receiver which message is which."""
+        return 1 + 2 * (mb * self.n_virtual + virtual_stage) + int(gradient)
+
+    def _run_chunk(self, chunk: int, x: torch.Tensor) -> torch.Tensor:
+        """One chunk's layers. With one chunk the (wrapped) pruned GPT is exactly that."""
+        if self.n_chunks == 1:
+            return self.s.model(x)
+        for layer in self.chunk_layers[chunk]:
+            x = layer(x)
+        return x
 
     # ------------------------------------------------------------------ point-to-point
-    def _send(self, tensor: torch.Tensor, dst: int, step: int, mb: int) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, step: int, mb: int, tag: int = 0) -> None:
         # isend, not send: with Gloo a send may wait until the peer posts its recv, and in 1F1B
         # neighbours send to each other at the same time (activation one way, gradient the other),
         # which would deadlock. The tensor must stay alive until the send completes.
         tensor = tensor.detach().to(ACTIVATION_DTYPE).contiguous()
         with self.s.timeline.span("send", step, mb):
-            work = dist.isend(tensor, dst)
+            work = dist.isend(tensor, dst, tag=tag)
         self._pending.append((work, tensor))
         # Drop the sends that completed, so a long 1F1B step does not keep every activation
         # it ever sent alive until the end of the step.
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
         self.s.sent("pp", tensor.numel() * tensor.element_size())
 
-    def _recv(self, shape: tuple[int, ...], src: int, step: int, mb: int) -> torch.Tensor:
+    def _recv(
+        self, shape: tuple[int, ...], src: int, step: int, mb: int, tag: int = 0
+    ) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=self.s.ctx.device)
         with self.s.timeline.span("recv", step, mb):  # includes waiting for the peer: the bubble
-            dist.recv(buffer, src)
+            dist.recv(buffer, src, tag=tag)
         return buffer
 
     def _wait_sends(self, step: int) -> None:
@@ -226,79 +276,114 @@ class Pipeline:
         first_index: int = 0,
         sync_last: bool = True,
     ) -> torch.Tensor:
-        """One pipeline flush: this stage's forwards and backwards in ``self.order`` order."""
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (input, output)
+        """One pipeline flush: this stage's forwards and backwards in ``self.order`` order.
+
+        Actions are ``(kind, micro_batch[, chunk])``; ``"W"`` (zero-bubble schedules) is the
+        weight-gradient pass its ``"B"`` left in ``self.stash``.
+        """
+        # (micro-batch, chunk) -> (input, output)
+        saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         total = torch.zeros((), device=self.s.ctx.device)
         actions = self.order(len(pieces))
-        for k, (action, i) in enumerate(actions):
+        last_virtual = self.n_virtual - 1
+        for k, (action, i, *rest) in enumerate(actions):
+            chunk = rest[0] if rest else 0
             x, y = pieces[i]
             mb = first_index + i
+            sync = sync_last and k == len(actions) - 1
             if action == "F":
-                saved[i] = self._forward(x, y, step, mb)
-                if self.is_last:
-                    total += saved[i][1].detach()
-            else:
-                inp, out = saved.pop(i)  # popping frees this micro-batch's activations
-                sync = sync_last and k == len(actions) - 1
+                saved[i, chunk] = self._forward(x, y, step, mb, chunk)
+                if self._virtual(chunk) == last_virtual:
+                    total += saved[i, chunk][1].detach()
+            elif action == "B":
+                inp, out = saved.pop((i, chunk))  # popping frees this micro-batch's activations
                 with nullcontext() if sync else self.s.no_sync():
-                    self._backward(inp, out, scale, step, mb)
+                    self._backward(inp, out, scale, step, mb, chunk)
+            else:
+                assert self.stash is not None, "a W action needs pp_schedule='zb-h1'"
+                with self.s.timeline.span("weight", step, mb):
+                    self.stash.run((mb, chunk))
         return total
 
     def _activation_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
         return (x.shape[0], x.shape[1], self.width)
 
     def _forward(
-        self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int
+        self, x: torch.Tensor, y: torch.Tensor, step: int, mb: int, chunk: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward one micro-batch through this stage; returns (input, output or summed loss)."""
-        if self.is_first:
+        """Forward one micro-batch through one chunk; returns (input, output or summed loss)."""
+        vs = self._virtual(chunk)
+        first, last = vs == 0, vs == self.n_virtual - 1
+        if first:
             inp = x
         else:
             # A leaf that requires grad: after the backward, inp.grad is what we send back.
-            inp = self._recv(self._activation_shape(x), self.prev, step, mb).requires_grad_()
+            shape = self._activation_shape(x)
+            tag = self._tag(mb, vs, gradient=False)
+            inp = self._recv(shape, self.prev_rank, step, mb, tag).requires_grad_()
         with self.s.timeline.span("forward", step, mb), self.s.autocast():
-            out = self.s.model(inp)
-            if self.is_last:
+            out = self._run_chunk(chunk, inp)
+            if last:
                 out = lm_loss_sum(out, y)
-        if not self.is_last:
-            self._send(out, self.next, step, mb)
+        if not last:
+            self._send(out, self.next_rank, step, mb, self._tag(mb, vs + 1, gradient=False))
         return inp, out
 
     def _backward(
-        self, inp: torch.Tensor, out: torch.Tensor, scale: float, step: int, mb: int
+        self,
+        inp: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+        step: int,
+        mb: int,
+        chunk: int = 0,
     ) -> None:
-        """Backward one micro-batch; the loss is ``sum * scale`` like base.forward_backward."""
+        """Backward one micro-batch through one chunk; the loss is ``sum * scale`` like
+        base.forward_backward. Under zb-h1 this is B only: weight gradients go to the stash."""
+        vs = self._virtual(chunk)
+        first, last = vs == 0, vs == self.n_virtual - 1
         grad = None
-        if not self.is_last:
-            grad = self._recv(tuple(out.shape), self.next, step, mb)
+        if not last:
+            tag = self._tag(mb, vs, gradient=True)
+            grad = self._recv(tuple(out.shape), self.next_rank, step, mb, tag)
+        if self.stash is not None:
+            self.stash.begin((mb, chunk))
         with self.s.timeline.span("backward", step, mb):
-            if self.is_last:
+            if last:
                 self.s.backward(out * scale)
             elif out.requires_grad:  # False only if everything up to here is frozen
                 torch.autograd.backward(out, grad)
-        if not self.is_first:
+        if self.stash is not None:
+            self.stash.end()
+        if not first:
             grad_in = inp.grad if inp.grad is not None else torch.zeros_like(inp)
-            self._send(grad_in, self.prev, step, mb)
+            self._send(grad_in, self.prev_rank, step, mb, self._tag(mb, vs - 1, gradient=True))
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Validation loss: each batch flows forward through the stages; the last one scores it."""
+        """Validation loss: each batch flows forward through the (virtual) stages in order; the
+        last one scores it."""
         device = self.s.ctx.device
         total, tokens = 0.0, 0
+        last = self.n_virtual - 1
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            if self.is_first:
-                inp = x
-            else:
-                inp = torch.empty(self._activation_shape(x), dtype=ACTIVATION_DTYPE, device=device)
-                dist.recv(inp, self.prev)
-            with self.s.autocast():
-                out = self.s.model(inp)
-                if self.is_last:
-                    total += float(lm_loss_sum(out, y))
-            if not self.is_last:
-                # Forward-only traffic flows one way, so a blocking send cannot deadlock.
-                dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.next)
+            for chunk in range(self.n_chunks):
+                vs = self._virtual(chunk)
+                if vs == 0:
+                    inp = x
+                else:
+                    shape = self._activation_shape(x)
+                    inp = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=device)
+                    dist.recv(inp, self.prev_rank)
+                with self.s.autocast():
+                    out = self._run_chunk(chunk, inp)
+                    if vs == last:
+                        total += float(lm_loss_sum(out, y))
+                if vs != last:
+                    # One batch at a time along one path: the receiver is (or will be) waiting
+                    # in its recv, so a blocking send cannot deadlock.
+                    dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.next_rank)
             tokens += y.numel()
         value = torch.tensor([total], dtype=torch.float64, device=device)
         dist.broadcast(value, group=self.group, group_src=self.n_stages - 1)

@@ -150,9 +150,9 @@ def bubble_formula(
     raise ValueError(f"no bubble formula for schedule {schedule!r}")
 
 
-# Hand-written schedules by name. gpipe and 1f1b are rows of labkit.parallel.presets.PP_SCHEDULES
-# and run on real processes; interleaved-1f1b and zb-h1 are simulated only for now (the executor
-# does not yet run several chunks per rank or a split backward), so TrainConfig refuses them.
+# Hand-written schedules by name, each a row of labkit.parallel.presets.PP_SCHEDULES run by
+# labkit.parallel.pipeline.Pipeline (interleaved-1f1b with TrainConfig.pp_virtual_stages chunks,
+# zb-h1 with the split backward of labkit.parallel.split_backward).
 ORDERS: dict[str, Callable[..., Order]] = {
     "gpipe": gpipe_order,
     "1f1b": one_f_one_b_order,

@@ -110,6 +110,10 @@ PP_SCHEDULES: dict[str, PipelineSchedule] = {
     for s in (
         PipelineSchedule("gpipe", None, "all forwards, then all backwards"),
         PipelineSchedule("1f1b", None, "warm-up forwards, one forward one backward, cool-down"),
+        PipelineSchedule(
+            "interleaved-1f1b", None, "1F1B over pp_virtual_stages chunks per rank (Megatron)"
+        ),
+        PipelineSchedule("zb-h1", None, "1F1B with weight gradients moved into the bubble"),
         PipelineSchedule("torch-gpipe", "ScheduleGPipe", "torch.distributed.pipelining GPipe"),
         PipelineSchedule("torch-1f1b", "Schedule1F1B", "torch.distributed.pipelining 1F1B"),
     )
