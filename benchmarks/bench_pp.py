@@ -8,6 +8,11 @@ Two measurements, in one invocation:
    Target: ratio ours / torch <= 1.05.
 2. The pipeline bubble of ``pp-1f1b`` measured from the timeline, against the theory
    ``(p - 1) / (m + p - 1)``, for m in {1, 2, 4, 8} micro-batches of a fixed global batch.
+3. The schedules side by side at equal m: gpipe, 1f1b, interleaved-1f1b (v = 2) and zb-h1,
+   each's measured bubble beside its formula (``pp_orders.bubble_formula``; zb-h1's with the
+   measured F, B and W times), and its step time. torch's twins of the last two
+   (``ScheduleInterleaved1F1B``, ``ScheduleInterleavedZeroBubble``) need several stages per
+   rank, which labkit's ``TorchPipeline`` does not build, so no ratio is measured for them.
 
     python -m benchmarks.bench_pp [--record]      # or: labkit bench pp [--record]
 
@@ -27,6 +32,7 @@ import torch
 
 import labkit
 from labkit.lessons.pipeline_timeline import bubble_fraction, peak_activations
+from labkit.parallel.pp_orders import bubble_formula
 from labkit.perf import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,8 +86,69 @@ def bubble_table(common: dict, micro_batches: list[int]) -> list[dict]:
     return rows
 
 
+SCHEDULES = {
+    "gpipe": {},
+    "1f1b": {},
+    "interleaved-1f1b": {"pp_virtual_stages": 2},
+    "zb-h1": {},
+}
+
+
+def schedules_table(common: dict, micro_batches: int, repeats: int) -> list[dict]:
+    """Every hand-written schedule at the same m: measured bubble, formula, step time.
+
+    Runs alternate schedule by schedule ``repeats`` times; a schedule's bubble is the mean over
+    its runs and ranks, its step time the median of all its steady steps.
+    """
+    measured: dict[str, dict[str, list[float]]] = {
+        s: {"bubble": [], "times": [], "formula": []} for s in SCHEDULES
+    }
+    for _ in range(repeats):
+        for name, extra in SCHEDULES.items():
+            result = labkit.run(
+                **{**common, "strategy": "mesh", "pp": common["world_size"]},
+                pp_schedule=name,
+                micro_batches=micro_batches,
+                **extra,
+            )
+            tl = result.timeline
+            bubble = bubble_fraction(tl, micro_batches=micro_batches)
+            cost = (tl["end_s"] - tl["start_s"]).groupby(tl["phase"]).mean()
+            v = extra.get("pp_virtual_stages", 1)
+            formula = bubble_formula(
+                name,
+                micro_batches,
+                common["world_size"],
+                v,
+                forward=cost.get("forward", 1.0),
+                backward=cost.get("backward", 1.0),
+                weight=cost.get("weight", 0.0),
+            )
+            measured[name]["bubble"].append(float(bubble["bubble"].mean()))
+            measured[name]["times"] += steady_step_times(result)
+            measured[name]["formula"].append(formula)
+    rows = []
+    for name, got in measured.items():
+        rows.append(
+            {
+                "schedule": name + (" (v=2)" if SCHEDULES[name] else ""),
+                "formula": statistics.mean(got["formula"]),
+                "measured": statistics.mean(got["bubble"]),
+                "spread": max(got["bubble"]) - min(got["bubble"]),
+                "step_s": statistics.median(got["times"]),
+            }
+        )
+        print(f"  {name}: bubble {rows[-1]['measured']:.3f} (formula {rows[-1]['formula']:.3f})")
+    return rows
+
+
 def to_markdown(
-    args: argparse.Namespace, info: dict[str, str], device: str, runs: list[dict], bubbles: list
+    args: argparse.Namespace,
+    info: dict[str, str],
+    device: str,
+    runs: list[dict],
+    bubbles: list,
+    schedules: list[dict],
 ) -> str:
     """The report: machine, config, the step-time comparison and the bubble table."""
     ours = [r["median_step_s"] for r in runs if r["strategy"] == "pp-1f1b"]
@@ -131,6 +198,21 @@ def to_markdown(
             for b in bubbles
         ),
         "",
+        f"## The schedules at m={args.micro_batches}: measured bubble vs formula",
+        "",
+        "Each schedule run alternately, --repeats times; measured = mean over runs and ranks",
+        "(spread = max - min over runs). zb-h1's formula (p-1)(F+B-W) / (m(F+B+W) + (p-1)(F+B-W))",
+        "takes the measured mean F, B and W times. Interleaved runs v = 2 chunks per rank, so it",
+        "posts twice the messages of 1F1B; communication is not free here.",
+        "",
+        "| schedule | formula | measured | spread | median step (ms) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['schedule']} | {r['formula']:.3f} | {r['measured']:.3f} | {r['spread']:.3f} "
+            f"| {r['step_s'] * 1e3:.1f} |"
+            for r in schedules
+        ),
+        "",
     ]
     return "\n".join(lines)
 
@@ -168,11 +250,13 @@ def run(argv: list[str] | None = None) -> int:
     runs = compare_with_torch(common, args.micro_batches, args.repeats)
     print("bubble vs theory:")
     bubbles = bubble_table(common, [m for m in (1, 2, 4, 8) if args.global_batch_size % m == 0])
+    print("the schedules at equal m:")
+    schedules = schedules_table(common, args.micro_batches, max(1, args.repeats // 2))
     device = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     info["benchmark wall time"] = f"{time.perf_counter() - start:.0f} s"
-    report = to_markdown(args, info, device, runs, bubbles)
+    report = to_markdown(args, info, device, runs, bubbles, schedules)
     print()
     print(report)
     if args.record:
