@@ -31,6 +31,7 @@ from labkit.result import RunResult
 __all__ = [
     "PIPELINE",
     "SCHEDULES",
+    "measured_vs_formula",
     "run_pipelines",
     "simulate_schedule",
     "simulated_bubbles",
@@ -258,3 +259,34 @@ def sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def measured_vs_formula(runs: Mapping[str, RunResult], reference: RunResult) -> pd.DataFrame:
+    """Per run: its schedule's formula (fed the run's own mean F, B and W times), the measured
+    bubble (mean over ranks, steps after the first), the median step time, and whether its
+    weights equal ``reference``'s (relative difference <= 1e-5)."""
+    rows = []
+    for label, run in runs.items():
+        cfg, tl = run.config, run.timeline
+        m = cfg.micro_batches
+        cost = (tl["end_s"] - tl["start_s"]).groupby(tl["phase"]).mean()
+        formula = bubble_formula(
+            cfg.pp_schedule,
+            m,
+            cfg.pp,
+            cfg.pp_virtual_stages,
+            forward=cost.get("forward", 1.0),
+            backward=cost.get("backward", 1.0),
+            weight=cost.get("weight", 0.0),
+        )
+        steps = run.metrics[run.metrics["step"] >= 1].groupby("step")["step_time_s"].max()
+        rows.append(
+            {
+                "schedule": label,
+                "formula": formula,
+                "measured": float(bubble_fraction(tl, micro_batches=m)["bubble"].mean()),
+                "step_ms": float(steps.median() * 1e3),
+                "equals_single": bool(run.compare(reference)["relative_difference"].max() <= 1e-5),
+            }
+        )
+    return pd.DataFrame(rows).set_index("schedule")

@@ -42,7 +42,7 @@ __all__ = [
 PHASE_STYLE: dict[str, tuple[str, str, bool]] = {
     "forward": ("C0", "forward", True),
     "backward": ("C1", "backward", True),
-    "weight": ("C2", "weight gradient (W)", True),
+    "weight": ("C4", "weight gradient (W)", True),
     "recv": ("0.85", "recv (waiting for a neighbour)", True),
     "send": ("C3", "send / wait for sends", False),
     "wait": ("C3", "send / wait for sends", False),
@@ -190,8 +190,12 @@ def plot_gantts(
     fig, axes = new_figure(nrows=n, width=8.0, height=1.3 + 0.6 * p)
     axes = np.atleast_1d(axes)
     longest = 0.0
-    for i, (ax, (label, run)) in enumerate(zip(axes, runs.items(), strict=True)):
-        drawn = draw_gantt(ax, _timeline(run), step, scale=scale, unit=unit, legend=i == 0)
+    shown: set[str] = set()  # phases already in a legend: a chart repeats it only if it adds one
+    for ax, (label, run) in zip(axes, runs.items(), strict=True):
+        phases = set(_timeline(run)["phase"])
+        legend = not shown or bool(phases - shown)
+        shown |= phases
+        drawn = draw_gantt(ax, _timeline(run), step, scale=scale, unit=unit, legend=legend)
         events = _timeline(run)
         events = events[events["step"] == drawn]
         longest = max(longest, (events["end_s"].max() - events["start_s"].min()) * scale)
