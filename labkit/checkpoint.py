@@ -48,10 +48,13 @@ STRUCTURAL_FIELDS = (
     "tp",
     "dp_impl",
     "pp_balance",
+    "pp_virtual_stages",  # the chunks each rank holds
     "micro_batches",
     "optimizer",
     "freeze",
 )
+# Fields newer than some checkpoints: a checkpoint without one was written with this value.
+ADDED_LATER = {"pp_virtual_stages": 1}
 
 
 class CheckpointError(ValueError):
@@ -185,7 +188,7 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
     saved = meta.get("config") or {}
     names = STRUCTURAL_FIELDS + (("bucket_mb",) if config.get("dp_impl") == "zero2" else ())
     for name in names:
-        a, b = saved.get(name), config.get(name)
+        a, b = saved.get(name, ADDED_LATER.get(name)), config.get(name)
         if isinstance(b, tuple):
             b = list(b)
         if a != b:

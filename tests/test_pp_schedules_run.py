@@ -165,3 +165,12 @@ def test_a_split_layer_outside_a_b_pass_fails_clearly():
 def test_unsupported_new_schedule_settings_are_refused_by_name(kw, field):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
         TrainConfig(model="nano", global_batch_size=8, **kw)
+
+
+@pytest.mark.distributed
+def test_resume_with_other_chunks_per_rank_is_refused(tmp_path):
+    common = _config("nano", pp=2, micro_batches=4, checkpoint_dir=str(tmp_path))
+    labkit.run(**{**common, "steps": 2, "checkpoint_every": 1})
+    other = {**common, "pp_schedule": "interleaved-1f1b", "pp_virtual_stages": 2, "resume": True}
+    with pytest.raises(ValueError, match="pp_virtual_stages=1"):
+        labkit.run(**other)
