@@ -228,3 +228,37 @@ def test_run_pipelines_validates_before_starting() -> None:
             },
             **FAST,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule explorer: any schedule, p, m, v on paper; the real run on 2 processes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_panel_redraws_the_simulation_and_names_a_bad_choice():
+    from labkit.widgets.schedules_panel import SchedulePanel
+
+    panel = SchedulePanel(**FAST)
+    panel.update()
+    first = figure_signature(panel.figure)
+    assert "ZB-H1, p=4, m=8" in panel.message and panel.chunks.disabled
+    panel.schedule.value = "interleaved-1f1b"  # observers redraw at once
+    assert not panel.chunks.disabled and "v=2" in panel.message
+    assert figure_signature(panel.figure) != first
+    drawn = panel.figure
+    panel.micro_batches.value = 6  # not a multiple of p = 4
+    assert panel.message.startswith("Not simulated") and "multiple of pp=4" in panel.message
+    assert panel.figure is drawn
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_schedule_panel_runs_the_schedule_on_two_processes():
+    from labkit.widgets.schedules_panel import SchedulePanel
+
+    panel = SchedulePanel(schedule="interleaved-1f1b", micro_batches=2, **FAST)
+    panel.run()
+    assert panel.result is not None, panel.message
+    cfg = panel.result.config
+    assert (cfg.pp, cfg.pp_schedule, cfg.pp_virtual_stages) == (2, "interleaved-1f1b", 2)
+    assert "measured" in panel.message and panel.figure is not None
