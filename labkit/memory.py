@@ -93,6 +93,17 @@ class SavedTensorMeter:
         weakref.finalize(saved, self._release, key)
         return saved
 
+    def keep(self, tensor: torch.Tensor) -> Any:
+        """Count ``tensor`` as an activation until the returned handle is dropped (a tensor kept
+        for a later pass outside autograd, such as zero-bubble's stash); ``unwrap(handle)`` is
+        the tensor. Outside the meter's context nothing is counted."""
+        return self._pack(tensor) if self._hooks is not None else tensor
+
+    @staticmethod
+    def unwrap(handle: Any) -> torch.Tensor:
+        """The tensor behind a ``keep`` handle."""
+        return SavedTensorMeter._unpack(handle)
+
     def skip(self, ids: set[int]) -> None:
         """Leave these storages out from now on (parameters gathered while the meter runs)."""
         self._skip |= ids

@@ -174,3 +174,27 @@ def test_resume_with_other_chunks_per_rank_is_refused(tmp_path):
     other = {**common, "pp_schedule": "interleaved-1f1b", "pp_virtual_stages": 2, "resume": True}
     with pytest.raises(ValueError, match="pp_virtual_stages=1"):
         labkit.run(**other)
+
+
+def test_the_stash_counts_as_activations_until_its_w_pass():
+    from labkit.memory import SavedTensorMeter
+
+    _, split, _ = _split_block()
+    meter = SavedTensorMeter(
+        exclude=lambda: {p.untyped_storage()._cdata for p in split.parameters()}
+    )
+    stash = WeightGradStash(keep=meter.keep)
+    split_linear_layers(split, stash)  # now through the counting stash
+    with meter:
+        x = torch.randn(3, 8, 16, requires_grad=True)
+        out = split(x)
+        during_forward = meter.live
+        stash.begin(0)
+        out.sum().backward()
+        stash.end()
+        del out
+        held = meter.live  # the graph is gone: what is left is the stash's x and dy
+        stash.run(0)
+        after = meter.live
+    assert during_forward > 0
+    assert held > 0 and after == 0

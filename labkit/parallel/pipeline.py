@@ -185,7 +185,7 @@ class Pipeline:
         self.order_fn = ORDERS.get(cfg.pp_schedule)
         self.stash: WeightGradStash | None = None
         if cfg.pp_schedule == "zb-h1":
-            self.stash = WeightGradStash()
+            self.stash = WeightGradStash(keep=strategy.activation_meter.keep)
             split_linear_layers(model, self.stash)
         self._pending: list[tuple[Any, torch.Tensor]] = []  # isend works and their tensors
 

@@ -11,11 +11,12 @@ is the W pass of one micro-batch: it adds ``dW`` and ``db`` to the parameters' `
 linear layers hold nearly all the weights and half the backward's work (one of its two matrix
 products per layer); layer norms and embeddings, a few thousand parameters, keep their gradients
 in B. The price of the split is memory: ``x`` and ``dy`` of every layer stay alive from a
-micro-batch's B until its W.
+micro-batch's B until its W (a memory meter passed as ``keep`` counts them as activations).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -23,15 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.memory import SavedTensorMeter
+
 __all__ = ["WeightGradStash", "split_linear_layers"]
 
 
 class WeightGradStash:
     """What each micro-batch's B pass leaves for its W pass: ``(layer, x, dy)`` per linear layer."""
 
-    def __init__(self) -> None:
-        self._open: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] | None = None
-        self._pending: dict[Any, list[tuple[nn.Linear, torch.Tensor, torch.Tensor]]] = {}
+    def __init__(self, keep: Callable[[torch.Tensor], Any] | None = None) -> None:
+        # ``keep`` wraps each kept tensor so that a memory meter counts it while it waits
+        # (``SavedTensorMeter.keep``); ``unwrap`` undoes it.
+        self._keep = keep or (lambda t: t)
+        self._open: list[tuple[nn.Linear, Any, Any]] | None = None
+        self._pending: dict[Any, list[tuple[nn.Linear, Any, Any]]] = {}
 
     def begin(self, key: Any) -> None:
         """A B pass for ``key`` starts: what the linear layers' backwards leave goes to it."""
@@ -45,12 +51,13 @@ class WeightGradStash:
         """Called from a split layer's backward."""
         if self._open is None:
             raise RuntimeError("a split linear layer ran backward outside a B pass (stash.begin)")
-        self._open.append((layer, x, grad))
+        self._open.append((layer, self._keep(x), self._keep(grad)))
 
     @torch.no_grad()
     def run(self, key: Any) -> None:
         """The W pass of ``key``: accumulate every weight and bias gradient its B left behind."""
-        for layer, x, grad in self._pending.pop(key, []):
+        for layer, x_kept, grad_kept in self._pending.pop(key, []):
+            x, grad = SavedTensorMeter.unwrap(x_kept), SavedTensorMeter.unwrap(grad_kept)
             dy = grad.reshape(-1, grad.shape[-1])
             if layer.weight.requires_grad:
                 _accumulate(layer.weight, dy.t() @ x.reshape(-1, x.shape[-1]))
