@@ -46,6 +46,7 @@ STRUCTURAL_FIELDS = (
     "dp",  # the mesh: each rank's file holds its own stage, slice and shard
     "pp",
     "tp",
+    "cp",
     "dp_impl",
     "pp_balance",
     "pp_virtual_stages",  # the chunks each rank holds
@@ -54,7 +55,7 @@ STRUCTURAL_FIELDS = (
     "freeze",
 )
 # Fields newer than some checkpoints: a checkpoint without one was written with this value.
-ADDED_LATER = {"pp_virtual_stages": 1}
+ADDED_LATER = {"pp_virtual_stages": 1, "cp": 1}
 
 
 class CheckpointError(ValueError):

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model with any strategy",
         formatter_class=_HelpFormatter,
-        epilog="strategies (presets over the dp x pp x tp mesh; or set --dp/--pp/--tp):\n"
+        epilog="strategies (presets over the dp x pp x cp x tp mesh; or set --dp/--pp/--cp/--tp):\n"
         + describe(),
     )
     _add_config_flags(train)

@@ -52,7 +52,9 @@ def _is_number(value: Any) -> bool:
 
 
 # Fields that may be derived from others (see TrainConfig._resolve_mesh and replace).
-DERIVED_FIELDS = ("strategy", "world_size", "dp", "pp", "tp", "dp_impl", "pp_schedule")
+DERIVED_FIELDS = ("strategy", "world_size", "dp", "pp", "cp", "tp", "dp_impl", "pp_schedule")
+# How the data-parallel flavours that take part in context parallelism average over dp x cp.
+CP_DP_IMPLS = ("naive", "bucketed", "ddp")
 # Largest seed: torch.manual_seed takes a 64-bit value; stay in the signed range every RNG accepts.
 MAX_SEED = 2**63 - 1
 # Keyword arguments of get_schedule that a TrainConfig field already sets (see schedule_args).
@@ -114,14 +116,17 @@ class TrainConfig:
     # it in backward ("full"), or recompute only attention ("selective").
     recompute: str = "none"
     # Parallelism.
-    # A preset name (labkit.parallel.presets), or None: "single", or "mesh" when dp/pp/tp are set.
+    # A preset name (labkit.parallel.presets), or None: "single", or "mesh" when dp/pp/cp/tp are set.
     strategy: str | None = None
-    # The mesh: dp x pp x tp = world_size. Unset (None) values come from the preset: its
+    # The mesh: dp x pp x cp x tp = world_size. Unset (None) values come from the preset: its
     # dimension takes every rank the others leave, the rest are 1. Always ints once constructed.
+    # cp (context parallelism) gives each of its ranks a zig-zag piece of every sequence and runs
+    # attention as ring attention (labkit.parallel.context_parallel).
     world_size: int | None = None
     dp: int | None = None
     pp: int | None = None
     tp: int | None = None
+    cp: int | None = None
     dp_impl: str | None = None  # how dp is done: naive, bucketed, ddp, zero1, zero2, zero3, fsdp
     pp_schedule: str | None = None  # gpipe, 1f1b, interleaved-1f1b, zb-h1, torch-gpipe, torch-1f1b
     # Chunks of layers per pipeline rank (virtual stages); > 1 with interleaved-1f1b only.
@@ -170,7 +175,7 @@ class TrainConfig:
         self.validate()
 
     def _resolve_mesh(self) -> None:
-        """Fill strategy, world_size, dp, pp, tp, dp_impl and pp_schedule from what was set."""
+        """Fill strategy, world_size, dp, pp, cp, tp, dp_impl and pp_schedule from what was set."""
         for name in ("world_size", *P.DIMS):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
@@ -186,7 +191,7 @@ class TrainConfig:
                     self.world_size,
                     "a run of several processes needs a strategy (one of "
                     + ", ".join(repr(s) for s in STRATEGIES[1:])
-                    + ") or the mesh fields dp, pp, tp",
+                    + ") or the mesh fields dp, pp, cp, tp",
                 )
             else:
                 strategy = "single"
@@ -459,12 +464,41 @@ class TrainConfig:
                 _fail(name, getattr(self, name), f"tp={tp} must divide n_head={preset.n_head}")
             if (4 * preset.d_model) % tp:
                 _fail(name, getattr(self, name), f"tp={tp} must divide the MLP width")
+        if self.cp > 1:
+            self._check_context_parallel(preset.block_size)
         if dp > 1 and impl in ("zero2", "zero3") and self.clip == "agc":
             _fail(
                 "clip",
                 "agc",
                 f"dp_impl={impl!r} shards flat buffers that cut across weight rows, so unit-wise "
                 "AGC is not exact; use another clip method or dp_impl",
+            )
+
+    def _check_context_parallel(self, preset_block_size: int) -> None:
+        """What context parallelism composes with here (dp) and what its zig-zag split needs."""
+        name = self._mesh_field("cp")
+        for dim in ("pp", "tp"):
+            if getattr(self, dim) > 1:
+                _fail(
+                    name,
+                    self.cp,
+                    f"context parallelism composes with dp here, not with {dim}: set {dim}=1 "
+                    f"(got {dim}={getattr(self, dim)})",
+                )
+        if self.dp_impl not in CP_DP_IMPLS:
+            _fail(
+                "dp_impl",
+                self.dp_impl,
+                "with cp > 1 gradients average over dp x cp; use "
+                + ", ".join(repr(i) for i in CP_DP_IMPLS),
+            )
+        block = self.block_size or preset_block_size
+        if block % (2 * self.cp):
+            _fail(
+                "block_size" if self.block_size else name,
+                self.block_size or self.cp,
+                f"the zig-zag split cuts each sequence of {block} tokens into 2*cp={2 * self.cp} "
+                "equal chunks: block_size must be a multiple of it",
             )
 
     def _mesh_field(self, dim: str) -> str:
@@ -562,7 +596,7 @@ class TrainConfig:
         if self.strategy != "mesh" and self.world_size == getattr(self, preset or "dp"):
             return self.strategy if self.world_size == 1 else f"{self.strategy} x{self.world_size}"
         dims = " x ".join(
-            f"{d}{getattr(self, d)}" for d in ("dp", "pp", "tp") if getattr(self, d) > 1
+            f"{d}{getattr(self, d)}" for d in ("dp", "pp", "cp", "tp") if getattr(self, d) > 1
         )
         how = [self.dp_impl] if self.dp > 1 else []
         how += [self.pp_schedule] if self.pp > 1 else []
@@ -570,7 +604,7 @@ class TrainConfig:
 
     @property
     def mesh_shape(self) -> dict[str, int]:
-        """``{"pp": .., "dp": .., "tp": ..}``, outermost dimension first."""
+        """``{"pp": .., "dp": .., "cp": .., "tp": ..}``, outermost dimension first."""
         return {d: getattr(self, d) for d in P.DIMS}
 
 

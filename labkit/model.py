@@ -13,6 +13,7 @@ learning rates (Liu et al. 2020, Xiong et al. 2020); notebook 02 reproduces that
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,7 +59,13 @@ def model_config(
 
 
 class Embedding(nn.Module):
-    """Token plus learned position embeddings."""
+    """Token plus learned position embeddings.
+
+    ``positions`` maps the number of tokens a rank holds to their places in the sequence: all of
+    them in order by default; context parallelism sets it to the rank's zig-zag chunks.
+    """
+
+    positions: Callable[[int, torch.device], torch.Tensor] | None = None
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -66,7 +73,12 @@ class Embedding(nn.Module):
         self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
+        t = idx.shape[1]
+        positions = (
+            self.positions(t, idx.device)
+            if self.positions is not None
+            else torch.arange(t, device=idx.device)
+        )
         return self.tok(idx) + self.pos(positions)
 
 
@@ -74,8 +86,12 @@ class Attention(nn.Module):
     """Causal multi-head self-attention with separate q, k, v projections.
 
     Separate projections (rather than one fused qkv) make the tensor-parallel split by heads a
-    plain column split of each matrix.
+    plain column split of each matrix. ``core`` computes causal attention from ``q, k, v``
+    (``[B, heads, T, head_dim]``): the fused ``scaled_dot_product_attention`` by default, ring
+    attention under context parallelism.
     """
+
+    core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, d_model: int, n_head: int) -> None:
         super().__init__()
@@ -95,9 +111,11 @@ class Attention(nn.Module):
         def split(z: torch.Tensor) -> torch.Tensor:
             return z.view(b, t, self.n_head, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
-        )
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.core is not None:
+            out = self.core(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return out.transpose(1, 2).reshape(b, t, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

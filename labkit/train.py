@@ -233,8 +233,8 @@ class Trainer:
             block_size=self.model_cfg.block_size,
         )
         n_tokens = y.numel()
-        rows = s.batch_rows(len(x))
-        x, y = x[rows].to(s.ctx.device), y[rows].to(s.ctx.device)
+        x, y = s.local_batch(x, y)
+        x, y = x.to(s.ctx.device), y.to(s.ctx.device)
         micro = split_micro_batches(x, y, cfg.grad_accum_steps)
 
         # Memory is measured on the first steps of a run (every step has the same shapes), so

@@ -23,8 +23,9 @@ def strategy_class(cfg: TrainConfig) -> type[Strategy]:
     from labkit.parallel import presets
     from labkit.parallel.base import Strategy
 
-    if cfg.dp == 1:
+    if cfg.dp * cfg.cp == 1:
         return Strategy  # pipeline and tensor parallelism are handled by the base class
+    # With cp > 1 the dp flavour averages gradients over dp x cp (even with dp = 1).
     impl = presets.DP_IMPLS[cfg.dp_impl]
     try:
         return getattr(importlib.import_module(impl.module), impl.cls)

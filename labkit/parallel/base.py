@@ -75,7 +75,7 @@ class Strategy:
         self.cfg = cfg
         self.ctx = ctx
         self.timeline = Timeline(ctx.rank, enabled=cfg.timeline)
-        self.bytes_sent = dict.fromkeys(("dp", "pp", "tp"), 0)  # this step, per mesh dimension
+        self.bytes_sent = dict.fromkeys(("dp", "pp", "cp", "tp"), 0)  # this step, per dimension
         self.scaler: torch.amp.GradScaler | None = None
         shape = cfg.mesh_shape if ctx.distributed else dict.fromkeys(cfg.mesh_shape, 1)
         self.mesh = Mesh(shape, ctx.rank if ctx.distributed else 0, ctx.device.type)
@@ -95,6 +95,10 @@ class Strategy:
             self.tp_shard_dims = apply_tensor_parallel(
                 model, self.mesh.group("tp"), self._on_tp_comm
             )
+        if self.mesh.size("cp") > 1:
+            from labkit.parallel.context_parallel import apply_context_parallel
+
+            apply_context_parallel(model, self.mesh.group("cp"), self._on_cp_send)
         self.module = model.to(ctx.device)
         self.model: nn.Module = self.module
         self.setup()
@@ -118,7 +122,7 @@ class Strategy:
     @property
     def nested_comm(self) -> bool:
         """True where communication blocks inside forward/backward (see Timeline.durations)."""
-        return self.mesh.size("tp") > 1 or self.gathers_in_forward
+        return self.mesh.size("tp") > 1 or self.mesh.size("cp") > 1 or self.gathers_in_forward
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this rank optimises (its stage and slices)."""
@@ -140,9 +144,26 @@ class Strategy:
         """This rank's replica index."""
         return self.mesh.local_rank("dp")
 
+    @property
+    def sync_size(self) -> int:
+        """How many ranks average their gradients: the dp replicas times the cp ranks of each,
+        whose gradients each cover part of every sequence."""
+        return self.mesh.size("dp") * self.mesh.size("cp")
+
     def batch_rows(self, n_rows: int) -> slice:
         """Rows of the global batch this rank consumes (its replica's slice)."""
         return shard_rows(n_rows, self.dp_rank, self.dp_size)
+
+    def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of a global batch: its replica's rows, and with cp > 1 its zig-zag
+        piece of each sequence."""
+        rows = self.batch_rows(len(x))
+        x, y = x[rows], y[rows]
+        if self.mesh.size("cp") > 1:
+            from labkit.parallel.context_parallel import shard_sequences
+
+            x, y = shard_sequences(x, y, self.mesh.local_rank("cp"), self.mesh.size("cp"))
+        return x, y
 
     # ------------------------------------------------------------------ one step
     def autocast(self) -> AbstractContextManager[Any]:
@@ -166,16 +187,16 @@ class Strategy:
         """Run forward and backward over this rank's micro-batches; return its summed token loss.
 
         Each micro-batch's loss is ``sum / n_tokens`` (``n_tokens``: tokens in the *global* batch)
-        times ``dp_size``, because the sync averages over ``dp_size`` replicas. Then the gradients
+        times ``sync_size``, because the sync averages over ``sync_size`` ranks. Then the gradients
         equal those of the mean loss over the global batch exactly, however unevenly it is split.
         Only the last micro-batch synchronises; the others accumulate under ``no_sync``. With a
         pipeline, its schedule runs the micro-batches instead (same scaling, same rule).
         """
         self._step = step
         if self.pipe is not None:
-            return self.pipe.forward_backward(micro_batches, self.dp_size / n_tokens, step)
+            return self.pipe.forward_backward(micro_batches, self.sync_size / n_tokens, step)
         total = torch.zeros((), device=self.ctx.device)
-        scale = self.dp_size / n_tokens
+        scale = self.sync_size / n_tokens
         for i, (x, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self.no_sync():
@@ -199,6 +220,11 @@ class Strategy:
         )
         t0 = self.timeline.t0
         self.timeline.add("allreduce", self._step, -1, start - t0, end - t0)
+
+    def _on_cp_send(self, nbytes: int) -> None:
+        """Ring attention's key/value (and their gradients') sends, counted as they leave."""
+        if self._recording:
+            self.sent("cp", nbytes)
 
     # ------------------------------------------------------------------ clipping
     def clip_pieces(self) -> list[tuple[torch.Tensor, bool]]:
@@ -241,13 +267,14 @@ class Strategy:
         """The global batch's summed loss (identical on every rank).
 
         The last pipeline stage holds its replica's loss: broadcast over pp; the replicas' sums
-        add up over dp; tp slices computed the same loss.
+        (and each cp rank's, over its tokens) add up over dp and cp; tp slices computed the same
+        loss.
         """
         value = local_loss_sum.detach().clone()
         if self.mesh.size("pp") > 1:
             dist.broadcast(value, group=self.mesh.group("pp"), group_src=self.mesh.size("pp") - 1)
-        if self.mesh.size("dp") > 1:
-            dist.all_reduce(value, group=self.mesh.group("dp"))
+        if self.sync_size > 1:
+            dist.all_reduce(value, group=self.mesh.group("dp", "cp"))
         return float(value)
 
     @torch.no_grad()
@@ -257,13 +284,21 @@ class Strategy:
         try:
             if self.pipe is not None:
                 return self.pipe.evaluate(batches)
-            total = tokens = 0.0
+            total = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            cp = self.mesh.size("cp")
             for x, y in batches:
+                tokens += y.numel()
+                if cp > 1:  # each cp rank scores its piece of every sequence; the sums add up
+                    from labkit.parallel.context_parallel import shard_sequences
+
+                    x, y = shard_sequences(x, y, self.mesh.local_rank("cp"), cp)
                 x, y = x.to(self.ctx.device), y.to(self.ctx.device)
                 with self.autocast():
                     total += float(lm_loss_sum(self.model(x), y))
-                tokens += y.numel()
-            return total / tokens
+            if cp > 1:
+                dist.all_reduce(total, group=self.mesh.group("cp"))
+            return float(total) / tokens
         finally:
             self._recording = True
 
@@ -292,7 +327,9 @@ class Strategy:
             return local if self.ctx.rank == 0 else None
         # Each part carries its own split dims: rank 0's stage does not know the others' layers.
         part = (
-            (self.mesh.local_rank("tp"), local, self.tp_shard_dims) if self.dp_rank == 0 else None
+            (self.mesh.local_rank("tp"), local, self.tp_shard_dims)
+            if self.dp_rank == 0 and self.mesh.local_rank("cp") == 0
+            else None
         )
         parts: list[Any] | None = [None] * self.mesh.world_size if self.ctx.rank == 0 else None
         dist.gather_object(part, parts, dst=0)

@@ -303,8 +303,9 @@ class DataParallelStrategy(Strategy):
 
     @property
     def dp_group(self) -> Any:
-        """The process group of this rank's replicas (same stage, same slice)."""
-        return self.mesh.group("dp")
+        """The ranks that average gradients with this one: its replicas (same stage, same
+        slice) and, with context parallelism, the cp ranks that hold the rest of each sequence."""
+        return self.mesh.group("dp", "cp")
 
 
 class NaiveDPStrategy(DataParallelStrategy):
@@ -324,7 +325,7 @@ class NaiveDPStrategy(DataParallelStrategy):
         """All-reduce every gradient (one ``allreduce`` span)."""
         with self.timeline.span("allreduce", step):
             self.dp.finish_grad_sync()
-        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce"))
+        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.sync_size, "allreduce"))
 
 
 class BucketedDPStrategy(DataParallelStrategy):
@@ -354,7 +355,7 @@ class BucketedDPStrategy(DataParallelStrategy):
         for _, start, end in self.dp.bucket_times:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self.dp.bucket_times.clear()
-        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.dp_size, "allreduce"))
+        self.sent("dp", ring_bytes(self.dp.grad_bytes, self.sync_size, "allreduce"))
 
     def close(self) -> None:
         """Remove the gradient hooks."""
@@ -399,7 +400,7 @@ class DDPStrategy(DataParallelStrategy):
         start = time.perf_counter()
         buffer = bucket.buffer()
         fut = dist.all_reduce(buffer, group=self.dp_group, async_op=True).get_future()
-        world = self.dp_size
+        world = self.sync_size
 
         def done(f: torch.futures.Future) -> torch.Tensor:
             self._spans.append((start, time.perf_counter()))
@@ -417,4 +418,4 @@ class DDPStrategy(DataParallelStrategy):
         for start, end in self._spans:
             self.timeline.add("allreduce", step, -1, start - t0, end - t0)
         self._spans.clear()
-        self.sent("dp", ring_bytes(self._grad_bytes, self.dp_size, "allreduce"))
+        self.sent("dp", ring_bytes(self._grad_bytes, self.sync_size, "allreduce"))

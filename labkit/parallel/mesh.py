@@ -1,7 +1,7 @@
-"""The device mesh: ``pp x dp x tp`` ranks, which rank holds what, and a process group per dimension.
+"""The device mesh: ``pp x dp x cp x tp`` ranks, which rank holds what, and a group per dimension.
 
-Ranks are numbered with tp innermost (fastest-varying), then dp, then pp outermost, the layout of
-torchtitan and picotron: the tp ranks of one slice are neighbours (the same GPU board in real
+Ranks are numbered with tp innermost (fastest-varying), then cp, then dp, then pp outermost, the
+layout of torchtitan and picotron: the tp ranks of one slice are neighbours (the same GPU board in real
 systems, where tensor parallelism's frequent all-reduces need the fastest link), and a pipeline
 stage is a contiguous block of ranks. For ``pp=2, dp=2, tp=2``::
 
@@ -11,7 +11,9 @@ stage is a contiguous block of ranks. For ``pp=2, dp=2, tp=2``::
     tp:    0 1 0 1 0 1 0 1     slice (which heads and MLP columns)
 
 A collective "over dimension d" runs among the ranks that agree on every *other* coordinate:
-the dp group of rank 5 is {5, 7}, its tp group {4, 5}, its pp group {1, 5}.
+the dp group of rank 5 is {5, 7}, its tp group {4, 5}, its pp group {1, 5}. (cp is 1 here, so it
+adds no digit; with cp=2 each dp replica's batch rows are shared by 2 ranks that each take a
+zig-zag piece of every sequence: ``labkit.parallel.context_parallel``.)
 
 ``mesh_coords`` and ``layout`` are pure functions (no processes needed: a notebook prints them);
 ``Mesh`` is the runtime object each rank builds, on ``torch.distributed.device_mesh``.
@@ -35,23 +37,27 @@ if TYPE_CHECKING:
 
 
 def mesh_coords(rank: int, shape: dict[str, int]) -> dict[str, int]:
-    """``{"pp": .., "dp": .., "tp": ..}`` of ``rank`` (tp fastest-varying)."""
+    """``{"pp": .., "dp": .., "cp": .., "tp": ..}`` of ``rank`` (tp fastest-varying).
+
+    A dimension missing from ``shape`` has size 1 and is left out of the answer.
+    """
     coords = {}
     for dim in reversed(DIMS):
-        rank, coords[dim] = divmod(rank, shape[dim])
-    return {d: coords[d] for d in DIMS}
+        rank, coords[dim] = divmod(rank, shape.get(dim, 1))
+    return {d: coords[d] for d in DIMS if d in shape}
 
 
 def mesh_rank(coords: dict[str, int], shape: dict[str, int]) -> int:
     """The rank at ``coords`` (the inverse of ``mesh_coords``)."""
     rank = 0
     for dim in DIMS:
-        rank = rank * shape[dim] + coords[dim]
+        rank = rank * shape.get(dim, 1) + coords.get(dim, 0)
     return rank
 
 
 def group_ranks(shape: dict[str, int], dims: tuple[str, ...]) -> list[list[int]]:
     """The partition of all ranks into groups that vary only along ``dims``."""
+    shape = {d: shape.get(d, 1) for d in DIMS}
     others = [d for d in DIMS if d not in dims]
     groups = []
     for fixed in itertools.product(*(range(shape[d]) for d in others)):
@@ -67,9 +73,10 @@ def group_ranks(shape: dict[str, int], dims: tuple[str, ...]) -> list[list[int]]
 def layout(cfg: TrainConfig) -> pd.DataFrame:
     """Which rank holds what for ``cfg``: one row per rank, no process started.
 
-    Columns: ``rank, pp, dp, tp`` (coordinates), ``layers`` (the pipeline stage's layers, cut by
-    layer count as ``pp_balance="layers"`` does), ``rows`` (the rows of each global batch this
-    rank's replica consumes), ``heads`` (the attention heads of its tensor-parallel slice).
+    Columns: ``rank, pp, dp, cp, tp`` (coordinates), ``layers`` (the pipeline stage's layers, cut
+    by layer count as ``pp_balance="layers"`` does), ``rows`` (the rows of each global batch this
+    rank's replica consumes), ``tokens`` (the positions of each sequence it holds: all, or its
+    zig-zag chunks with cp > 1), ``heads`` (the attention heads of its tensor-parallel slice).
     """
     import pandas as pd
 
@@ -84,6 +91,14 @@ def layout(cfg: TrainConfig) -> pd.DataFrame:
         stage = shard_rows(len(names), c["pp"], shape["pp"])
         batch = shard_rows(cfg.global_batch_size, c["dp"], shape["dp"])
         heads = shard_rows(preset.n_head, c["tp"], shape["tp"])
+        block = cfg.block_size or preset.block_size
+        chunk = block // (2 * shape["cp"])
+        late = 2 * shape["cp"] - 1 - c["cp"]
+        tokens = (
+            f"0..{block - 1}"
+            if shape["cp"] == 1
+            else f"{c['cp'] * chunk}..{(c['cp'] + 1) * chunk - 1}, {late * chunk}..{(late + 1) * chunk - 1}"
+        )
         stage_names = names[stage]
         rows.append(
             {
@@ -92,6 +107,7 @@ def layout(cfg: TrainConfig) -> pd.DataFrame:
                 "layers": stage_names[0]
                 + (f" .. {stage_names[-1]}" if len(stage_names) > 1 else ""),
                 "rows": f"{batch.start}..{batch.stop - 1}",
+                "tokens": tokens,
                 "heads": f"{heads.start}..{heads.stop - 1}",
             }
         )
@@ -108,7 +124,7 @@ class Mesh:
     """
 
     def __init__(self, shape: dict[str, int], rank: int, device_type: str = "cpu") -> None:
-        self.shape = {d: int(shape[d]) for d in DIMS}
+        self.shape = {d: int(shape.get(d, 1)) for d in DIMS}
         self.world_size = math.prod(self.shape.values())
         self.rank = rank
         self.coords = mesh_coords(rank, self.shape)

@@ -1,7 +1,7 @@
 """The one table of parallelism names: presets, data-parallel flavours and pipeline schedules.
 
-A run's parallelism is a mesh of ``dp x pp x tp`` ranks (laid out pp outermost, then dp, then tp
-innermost: see ``labkit.parallel.mesh``), plus how
+A run's parallelism is a mesh of ``pp x dp x cp x tp`` ranks (laid out pp outermost, then dp, then
+cp, then tp innermost: see ``labkit.parallel.mesh``), plus how
 each dimension is done: ``dp_impl`` for data parallelism and ``pp_schedule`` for the pipeline.
 The strategy names of round 1 (``"ddp"``, ``"pp-1f1b"``, ``"tp"``...) are *presets*: a row here
 says which dimension takes all the ranks and which implementation it uses. Config validation,
@@ -12,11 +12,14 @@ This module imports nothing heavy (no torch), so validating a config stays insta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Mesh dimensions, outermost first. tp is innermost (fastest-varying rank) so that its traffic,
-# the most frequent, stays between neighbouring ranks (the same GPU board, in real systems).
-DIMS = ("pp", "dp", "tp")
+# the most frequent, stays between neighbouring ranks (the same GPU board, in real systems); cp
+# (context parallelism: each rank a piece of every sequence) passes key/value blocks every layer,
+# so it comes next, as in torchtitan.
+DIMS = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Preset:
     """A strategy name: which mesh dimension takes every rank, and how it is done."""
 
     name: str
-    dim: str | None  # "dp", "pp" or "tp"; None: one process ("single") or dims given ("mesh")
+    dim: str | None  # "dp", "pp", "cp" or "tp"; None: one process ("single") or dims given ("mesh")
     dp_impl: str | None = None
     pp_schedule: str | None = None
     summary: str = ""
@@ -134,7 +137,8 @@ PRESETS: dict[str, Preset] = {
         Preset("pp-1f1b", "pp", pp_schedule="1f1b", summary="pipeline, 1F1B schedule"),
         Preset("pp-torch", "pp", pp_schedule="torch-1f1b", summary="pipeline, torch's 1F1B"),
         Preset("tp", "tp", summary="tensor parallel (Megatron column/row split)"),
-        Preset("mesh", None, summary="dp x pp x tp as set by TrainConfig.dp, pp and tp"),
+        Preset("cp", "cp", summary="context parallel: sequences split, ring attention"),
+        Preset("mesh", None, summary="dp x pp x cp x tp as set by TrainConfig.dp, pp, cp and tp"),
     )
 }
 
@@ -154,7 +158,7 @@ def resolve_mesh(
     world_size: int | None,
     dims: dict[str, int | None],
 ) -> tuple[int, dict[str, int]]:
-    """``(world_size, {"pp": .., "dp": .., "tp": ..})`` from a preset and the fields set.
+    """``(world_size, {"pp": .., "dp": .., "cp": .., "tp": ..})`` from a preset and the fields set.
 
     Dimensions set explicitly stay; the preset's dimension takes the ranks the others leave;
     any other dimension is 1. Raises ValueError naming the field when they cannot agree.
@@ -167,16 +171,16 @@ def resolve_mesh(
     if preset.name == "single":
         if fixed > 1 or (world_size or 1) > 1:
             raise ValueError(
-                "TrainConfig.strategy='single' runs one process: leave world_size, dp, pp and "
-                "tp at 1, or choose a parallel strategy (" + ", ".join(STRATEGIES[1:]) + ")"
+                "TrainConfig.strategy='single' runs one process: leave world_size, dp, pp, cp "
+                "and tp at 1, or choose a parallel strategy (" + ", ".join(STRATEGIES[1:]) + ")"
             )
         return 1, dict.fromkeys(DIMS, 1)
     if preset.dim is None:  # "mesh": every dimension from its field
         out = {d: given.get(d, 1) for d in DIMS}
         if world_size is not None and world_size != fixed:
             raise ValueError(
-                f"TrainConfig.world_size={world_size} is invalid: dp*pp*tp = "
-                f"{out['dp']}*{out['pp']}*{out['tp']} = {fixed}; the product must equal world_size"
+                f"TrainConfig.world_size={world_size} is invalid: {_product(out)} = {fixed}; "
+                "the product must equal world_size"
             )
         return fixed, out
     world = world_size if world_size is not None else max(fixed, 1)
@@ -189,10 +193,16 @@ def resolve_mesh(
                 + f") do not divide it, so {strategy!r} cannot take the rest as {preset.dim}"
             )
         out[preset.dim] = world // fixed
-    product = out["dp"] * out["pp"] * out["tp"]
+    product = math.prod(out.values())
     if product != world:
         raise ValueError(
-            f"TrainConfig.world_size={world} is invalid: dp*pp*tp = "
-            f"{out['dp']}*{out['pp']}*{out['tp']} = {product}; the product must equal world_size"
+            f"TrainConfig.world_size={world} is invalid: {_product(out)} = {product}; "
+            "the product must equal world_size"
         )
     return world, out
+
+
+def _product(shape: dict[str, int]) -> str:
+    """``"dp*pp*tp = 2*2*1"`` (cp named only when set, so the message reads as the user's mesh)."""
+    dims = [d for d in ("dp", "pp", "cp", "tp") if d != "cp" or shape["cp"] > 1]
+    return "*".join(dims) + " = " + "*".join(str(shape[d]) for d in dims)

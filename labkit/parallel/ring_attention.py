@@ -70,8 +70,9 @@ def zigzag_shard(x: torch.Tensor, rank: int, world: int, dim: int = -2) -> torch
 class _Ring:
     """Who sends to whom in the group, and one step's transfers."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, on_send: Any = None) -> None:
         self.group = group
+        self.on_send = on_send  # called with the bytes each step sends (the trainer counts them)
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
@@ -87,10 +88,13 @@ class _Ring:
         works, received = [], []
         for i, t in enumerate(tensors):
             tag = 4 * step + i
+            t = t.contiguous()  # a head split is a transposed view; Gloo sends flat memory
             buffer = torch.empty_like(t)
-            works.append(dist.isend(t.contiguous(), self.next, group=self.group, tag=tag))
+            works.append(dist.isend(t, self.next, group=self.group, tag=tag))
             works.append(dist.irecv(buffer, self.prev, group=self.group, tag=tag))
             received.append(buffer)
+        if self.on_send is not None:
+            self.on_send(sum(t.numel() * t.element_size() for t in tensors))
         return works, received
 
     @staticmethod
@@ -110,9 +114,9 @@ def _scores(
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, on_send: Any
     ) -> torch.Tensor:
-        ring = _Ring(group)
+        ring = _Ring(group, on_send)
         scale = q.shape[-1] ** -0.5
         seq_len = q.shape[-2] * ring.world
         pos_q = zigzag_positions(seq_len, ring.rank, ring.world, q.device)
@@ -139,13 +143,13 @@ class _RingAttention(torch.autograd.Function):
                 kk, vv = next_k, next_v
         out = acc / l[..., None]
         ctx.save_for_backward(q, k, v, out, m + torch.log(l))
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.on_send = group, scale, on_send
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        ring, scale = _Ring(ctx.group), ctx.scale
+        ring, scale = _Ring(ctx.group, ctx.on_send), ctx.scale
         seq_len = q.shape[-2] * ring.world
         pos_q = zigzag_positions(seq_len, ring.rank, ring.world, q.device)
         grad_out = grad_out.contiguous()
@@ -169,11 +173,15 @@ class _RingAttention(torch.autograd.Function):
                 dk, dv = received
             else:
                 kk, vv, dk, dv = received
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Any = None,
+    on_send: Any = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's zig-zag piece of the queries against the whole sequence.
 
@@ -181,7 +189,8 @@ def ring_attention(
     sequence split over the ``W`` ranks of ``group``. Returns this rank's piece of the output of
     dense causal attention (``F.scaled_dot_product_attention(..., is_causal=True)``), with
     gradients flowing back to all three. A collective: every rank of ``group`` must call it.
+    ``on_send(nbytes)``, if given, hears the bytes this rank sends at each ring step.
     """
     if dist.get_world_size(group) == 1:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _RingAttention.apply(q, k, v, group)
+    return _RingAttention.apply(q, k, v, group, on_send)

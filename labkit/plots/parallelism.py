@@ -5,6 +5,7 @@
 * ``plot_tp_breakdown``: a ``tp`` run's step time (compute, all-reduce, rest) and bytes per rank.
 * ``plot_strategies``: measured memory and bytes sent per rank, with the formulas as ticks.
 * ``plot_plan``: the formulas alone, for any preset and world size (the busiest rank of each).
+* ``plot_context_parallel``: activations per rank and ring traffic against cp, with predictions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from labkit.lessons.parallelism import STRATEGY_LABELS, busiest_rank
 from labkit.plots.common import new_figure
 
 __all__ = [
+    "plot_context_parallel",
     "plot_matmul_split",
     "plot_plan",
     "plot_strategies",
@@ -332,4 +334,23 @@ def plot_plan(frame: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_xticks(x, labels, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_context_parallel(runs: pd.DataFrame) -> Figure:
+    """``lessons.context_parallel.train_with_cp``'s table: measured activations per rank beside
+    ``one process / cp``, and ring attention's measured bytes per step beside its formula."""
+    fig, (ax_mem, ax_kv) = new_figure(ncols=2, width=5.0)
+    sizes = runs.index.astype(str)
+    tick = {"color": "k", "marker": "_", "markersize": 30, "linestyle": "none"}
+    ax_mem.bar(sizes, runs["activations_KiB"], color="C0", label="measured (saved for backward)")
+    ax_mem.plot(
+        sizes, runs["activations_KiB"].iloc[0] / runs.index, label="one process / cp", **tick
+    )
+    ax_mem.set(xlabel="cp", ylabel="KiB per rank", title="activations a rank keeps")
+    ax_kv.bar(sizes, runs["kv_sent_KiB"], color="C1", label="measured (sent)")
+    ax_kv.plot(sizes, runs["kv_formula_KiB"], label="formula: 6W - 4 blocks", **tick)
+    ax_kv.set(xlabel="cp", ylabel="KiB per rank and step", title="ring attention's traffic")
+    for ax in (ax_mem, ax_kv):
+        ax.legend(fontsize=8)
     return fig
