@@ -1,18 +1,20 @@
-"""Benchmark: labkit's hand-written 1F1B pipeline against torch.distributed.pipelining.
+"""Benchmark: labkit's hand-written pipeline schedules against torch.distributed.pipelining.
 
-Two measurements, in one invocation:
+Three measurements, in one invocation:
 
-1. Step time of ``pp-1f1b`` (our schedule) and ``pp-torch`` (torch's ``Schedule1F1B`` driving the
-   same stages), run alternately ``--repeats`` times each (ABAB, so neither always goes first),
-   compared by their fastest steady step (noise only adds time), with the median alongside.
+1. Step time of each hand-written schedule that torch ships a twin of, against the twin driving
+   the same stages: ``1f1b`` vs ``torch-1f1b`` (``Schedule1F1B``) and ``interleaved-1f1b`` vs
+   ``torch-interleaved-1f1b`` (``ScheduleInterleaved1F1B``, v = 2 chunks per rank). Run
+   alternately ``--repeats`` times each (ABAB, so neither always goes first), compared by their
+   fastest steady step (noise only adds time), with the median alongside.
    Target: ratio ours / torch <= 1.05.
 2. The pipeline bubble of ``pp-1f1b`` measured from the timeline, against the theory
    ``(p - 1) / (m + p - 1)``, for m in {1, 2, 4, 8} micro-batches of a fixed global batch.
 3. The schedules side by side at equal m: gpipe, 1f1b, interleaved-1f1b (v = 2) and zb-h1,
    each's measured bubble beside its formula (``pp_orders.bubble_formula``; zb-h1's with the
-   measured F, B and W times), and its step time. torch's twins of the last two
-   (``ScheduleInterleaved1F1B``, ``ScheduleInterleavedZeroBubble``) need several stages per
-   rank, which labkit's ``TorchPipeline`` does not build, so no ratio is measured for them.
+   measured F, B and W times), and its step time. zb-h1 has no exact twin in torch (torch's
+   zero-bubble schedules, ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble``, hold
+   two or more chunks per rank), so no ratio is measured for it.
 
     python -m benchmarks.bench_pp [--record]      # or: labkit bench pp [--record]
 
@@ -36,7 +38,15 @@ from labkit.parallel.pp_orders import bubble_formula
 from labkit.perf import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("pp-1f1b", "pp-torch")
+# Each hand-written schedule with a torch twin: (ours, torch's, extra fields).
+TWINS = {
+    "1F1B": ("1f1b", "torch-1f1b", {}),
+    "interleaved 1F1B, v=2": (
+        "interleaved-1f1b",
+        "torch-interleaved-1f1b",
+        {"pp_virtual_stages": 2},
+    ),
+}
 
 
 def steady_step_times(result: labkit.RunResult) -> list[float]:
@@ -47,22 +57,56 @@ def steady_step_times(result: labkit.RunResult) -> list[float]:
 
 
 def compare_with_torch(common: dict, micro_batches: int, repeats: int) -> list[dict]:
-    """Alternate pp-1f1b and pp-torch runs; one row per run with its step times."""
+    """Alternate each schedule and its torch twin; one row per run with its step times."""
     rows = []
+    mesh = {**common, "strategy": "mesh", "pp": common["world_size"]}
     for i in range(repeats):
-        for strategy in STRATEGIES:
-            result = labkit.run(**common, strategy=strategy, micro_batches=micro_batches)
-            times = steady_step_times(result)
-            rows.append(
-                {
-                    "repeat": i,
-                    "strategy": strategy,
-                    "times": times,
-                    "median_step_s": statistics.median(times),
-                }
-            )
-            print(f"  {strategy} run {i}: median step {rows[-1]['median_step_s'] * 1e3:.1f} ms")
+        for pair, (ours, theirs, extra) in TWINS.items():
+            for schedule in (ours, theirs):
+                result = labkit.run(
+                    **mesh, pp_schedule=schedule, micro_batches=micro_batches, **extra
+                )
+                times = steady_step_times(result)
+                rows.append(
+                    {
+                        "repeat": i,
+                        "pair": pair,
+                        "schedule": schedule,
+                        "torch": schedule == theirs,
+                        "times": times,
+                        "median_step_s": statistics.median(times),
+                    }
+                )
+                print(f"  {schedule} run {i}: median step {rows[-1]['median_step_s'] * 1e3:.1f} ms")
     return rows
+
+
+def twin_ratios(runs: list[dict]) -> list[dict]:
+    """Per pair: fastest and median steady step of ours and torch's, and their ratios."""
+    out = []
+    for pair, (ours, theirs, _) in TWINS.items():
+        pooled = {
+            side: [t for r in runs if r["pair"] == pair and r["torch"] is side for t in r["times"]]
+            for side in (False, True)
+        }
+        out.append(
+            {
+                "pair": pair,
+                "ours": ours,
+                "theirs": theirs,
+                "ours_best": min(pooled[False]),
+                "theirs_best": min(pooled[True]),
+                "best_ratio": min(pooled[False]) / min(pooled[True]),
+                "median_ratio": statistics.median(pooled[False]) / statistics.median(pooled[True]),
+                "ours_runs": [
+                    r["median_step_s"] for r in runs if r["pair"] == pair and not r["torch"]
+                ],
+                "theirs_runs": [
+                    r["median_step_s"] for r in runs if r["pair"] == pair and r["torch"]
+                ],
+            }
+        )
+    return out
 
 
 def bubble_table(common: dict, micro_batches: list[int]) -> list[dict]:
@@ -151,16 +195,12 @@ def to_markdown(
     schedules: list[dict],
 ) -> str:
     """The report: machine, config, the step-time comparison and the bubble table."""
-    ours = [r["median_step_s"] for r in runs if r["strategy"] == "pp-1f1b"]
-    theirs = [r["median_step_s"] for r in runs if r["strategy"] == "pp-torch"]
     # Every steady step of every run, pooled. Noise on a shared machine only ever adds time, so
     # the fastest step of each is the estimate of its own cost (timeit's rule); the median of
     # all steps is shown next to it.
-    pooled = {s: [t for r in runs if r["strategy"] == s for t in r["times"]] for s in STRATEGIES}
-    best_ratio = min(pooled["pp-1f1b"]) / min(pooled["pp-torch"])
-    median_ratio = statistics.median(pooled["pp-1f1b"]) / statistics.median(pooled["pp-torch"])
+    ratios = twin_ratios(runs)
     lines = [
-        f"# Pipeline parallelism on {device}: labkit pp-1f1b vs torch.distributed.pipelining",
+        f"# Pipeline parallelism on {device}: labkit's schedules vs torch.distributed.pipelining",
         "",
         "Command: `python -m benchmarks.bench_pp " + " ".join(args.argv) + "`",
         "",
@@ -172,18 +212,27 @@ def to_markdown(
         f"{args.global_batch_size}, steps={args.steps} (step 0 left out), pp_balance="
         f"{args.pp_balance}, threads={args.threads} in total.",
         "",
-        f"## Step time, same 1F1B schedule, m={args.micro_batches}",
-        "",
-        "| repeat | labkit pp-1f1b, median step (ms) | torch pp-torch, median step (ms) |",
-        "|---|---|---|",
-        *(f"| {i} | {a * 1e3:.1f} | {b * 1e3:.1f} |" for i, (a, b) in enumerate(zip(ours, theirs))),
-        "",
-        f"Fastest step: labkit {min(pooled['pp-1f1b']) * 1e3:.1f} ms, torch "
-        f"{min(pooled['pp-torch']) * 1e3:.1f} ms.",
-        "",
-        f"**Ratio labkit / torch, fastest step: {best_ratio:.3f}** (target <= 1.05); "
-        f"median over all steps: {median_ratio:.3f}",
-        "",
+    ]
+    for r in ratios:
+        lines += [
+            f"## Step time, {r['pair']}: `{r['ours']}` vs torch's `{r['theirs']}`, "
+            f"m={args.micro_batches}",
+            "",
+            f"| repeat | labkit {r['ours']}, median step (ms) | torch {r['theirs']}, median step (ms) |",
+            "|---|---|---|",
+            *(
+                f"| {i} | {a * 1e3:.1f} | {b * 1e3:.1f} |"
+                for i, (a, b) in enumerate(zip(r["ours_runs"], r["theirs_runs"], strict=True))
+            ),
+            "",
+            f"Fastest step: labkit {r['ours_best'] * 1e3:.1f} ms, torch "
+            f"{r['theirs_best'] * 1e3:.1f} ms.",
+            "",
+            f"**Ratio labkit / torch, fastest step: {r['best_ratio']:.3f}** (target <= 1.05); "
+            f"median over all steps: {r['median_ratio']:.3f}",
+            "",
+        ]
+    lines += [
         "## Bubble of pp-1f1b: measured vs theory (p - 1) / (m + p - 1)",
         "",
         "Measured = 1 - (forward + backward time) / (pipeline span), averaged over ranks; the",
@@ -246,7 +295,7 @@ def run(argv: list[str] | None = None) -> int:
         progress=False,
     )
     start = time.perf_counter()
-    print("step time, pp-1f1b vs pp-torch:")
+    print("step time, each schedule vs its torch twin:")
     runs = compare_with_torch(common, args.micro_batches, args.repeats)
     print("bubble vs theory:")
     bubbles = bubble_table(common, [m for m in (1, 2, 4, 8) if args.global_batch_size % m == 0])

@@ -128,7 +128,7 @@ class TrainConfig:
     tp: int | None = None
     cp: int | None = None
     dp_impl: str | None = None  # how dp is done: naive, bucketed, ddp, zero1, zero2, zero3, fsdp
-    pp_schedule: str | None = None  # gpipe, 1f1b, interleaved-1f1b, zb-h1, torch-gpipe, torch-1f1b
+    pp_schedule: str | None = None  # gpipe, 1f1b, interleaved-1f1b, zb-h1, torch-... (presets)
     # Chunks of layers per pipeline rank (virtual stages); > 1 with interleaved-1f1b only.
     pp_virtual_stages: int = 1
     backend: str = "auto"
@@ -304,9 +304,9 @@ class TrainConfig:
     def _check_pipeline_schedule(self, n_layer: int) -> None:
         """What the hand-written interleaved and zero-bubble executors support (pp > 1)."""
         pp, v, sched = self.pp, self.pp_virtual_stages, self.pp_schedule
-        if sched == "interleaved-1f1b":
+        if sched in P.CHUNKED_SCHEDULES:
             if v < 2:
-                _fail("pp_virtual_stages", v, "interleaved-1f1b needs at least 2 chunks per rank")
+                _fail("pp_virtual_stages", v, f"{sched} needs at least 2 chunks per rank")
             if pp * v > n_layer + 2:
                 _fail(
                     "pp_virtual_stages",
@@ -318,7 +318,7 @@ class TrainConfig:
                 _fail(
                     "micro_batches",
                     self.micro_batches,
-                    f"interleaved-1f1b runs micro-batches in groups of pp={pp}: use a multiple",
+                    f"{sched} runs micro-batches in groups of pp={pp}: use a multiple",
                 )
             if self.dp > 1 and self.dp_impl not in ("naive", "bucketed", "zero1"):
                 _fail(
@@ -430,6 +430,7 @@ class TrainConfig:
                 )
             self._check_pipeline_schedule(preset.n_layer)
             if sched.startswith("torch-"):
+                _check_torch_schedule(sched)
                 if self.micro_batches < pp:
                     _fail(
                         "micro_batches",
@@ -445,11 +446,13 @@ class TrainConfig:
                     )
         elif self.micro_batches != 1:
             _fail("micro_batches", self.micro_batches, "only pipelines (pp > 1) use it; use 1")
-        if self.pp_virtual_stages != 1 and (pp == 1 or sched != "interleaved-1f1b"):
+        if self.pp_virtual_stages != 1 and (pp == 1 or sched not in P.CHUNKED_SCHEDULES):
             _fail(
                 "pp_virtual_stages",
                 self.pp_virtual_stages,
-                "only pp_schedule='interleaved-1f1b' with pp > 1 holds several chunks per rank; use 1",
+                "only pp_schedule "
+                + ", ".join(repr(c) for c in P.CHUNKED_SCHEDULES)
+                + " with pp > 1 hold several chunks per rank; use 1",
             )
         if tp > 1:
             if self.clip == "agc":
@@ -606,6 +609,27 @@ class TrainConfig:
     def mesh_shape(self) -> dict[str, int]:
         """``{"pp": .., "dp": .., "cp": .., "tp": ..}``, outermost dimension first."""
         return {d: getattr(self, d) for d in P.DIMS}
+
+
+def _check_torch_schedule(name: str) -> None:
+    """torch's twin ``name`` must exist in the installed torch (newer schedules are recent)."""
+    import torch.distributed.pipelining as pipelining
+
+    cls = P.PP_SCHEDULES[name].torch_class
+    if not hasattr(pipelining, cls):
+        _fail(
+            "pp_schedule",
+            name,
+            f"torch {torch_version()} has no torch.distributed.pipelining.{cls}; use the "
+            "hand-written schedule of the same name without 'torch-', or a newer torch",
+        )
+
+
+def torch_version() -> str:
+    """The installed torch's version (imported only when asked)."""
+    import torch
+
+    return torch.__version__
 
 
 def _check_known(names: Any) -> None:

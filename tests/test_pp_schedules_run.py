@@ -36,6 +36,15 @@ RUNS = {
     "zb-h1-p2-m4": ("nano", dict(pp=2, pp_schedule="zb-h1", micro_batches=4)),
     "interleaved-p4-v2-m4": ("medium", dict(pp=4, pp_virtual_stages=2, micro_batches=4)),
     "zb-h1-p4-m4": ("medium", dict(pp=4, pp_schedule="zb-h1", micro_batches=4)),
+    # torch's twins drive the same chunks (virtual stage c * pp + rank) with its own schedule.
+    "torch-interleaved-1f1b-p2-v2-m4": (
+        "nano",
+        dict(pp=2, pp_schedule="torch-interleaved-1f1b", pp_virtual_stages=2, micro_batches=4),
+    ),
+    "torch-interleaved-zb-p2-v2-m4": (
+        "nano",
+        dict(pp=2, pp_schedule="torch-interleaved-zb", pp_virtual_stages=2, micro_batches=4),
+    ),
     "interleaved-dp2-pp2-bucketed": (
         "nano",
         dict(dp=2, pp=2, pp_virtual_stages=2, micro_batches=2, dp_impl="bucketed"),
@@ -73,6 +82,8 @@ def test_new_schedules_equal_single_process(singles, name):
         back = tl[tl["phase"] == "backward"].set_index(["rank", "step", "micro_batch"])
         for row in weights.itertuples():
             assert row.start_s >= back.loc[(row.rank, row.step, row.micro_batch), "end_s"]
+    elif "zb" in name:  # torch's zero bubble: one W per micro-batch and chunk
+        assert (weights.groupby(["rank", "step"]).size() == v * m).all()
     else:
         assert weights.empty
 
@@ -198,3 +209,26 @@ def test_the_stash_counts_as_activations_until_its_w_pass():
         after = meter.live
     assert during_forward > 0
     assert held > 0 and after == 0
+
+
+def test_torch_twins_are_gated_on_the_installed_torch(monkeypatch):
+    import torch.distributed.pipelining as pipelining
+
+    kw = dict(model="nano", pp=2, pp_virtual_stages=2, micro_batches=4, global_batch_size=8)
+    assert TrainConfig(**kw, pp_schedule="torch-interleaved-1f1b").pp_virtual_stages == 2
+    monkeypatch.delattr(pipelining, "ScheduleInterleaved1F1B")
+    with pytest.raises(
+        ValueError, match=r"TrainConfig\.pp_schedule=.*has no .*ScheduleInterleaved1F1B"
+    ):
+        TrainConfig(**kw, pp_schedule="torch-interleaved-1f1b")
+
+
+def test_chunks_need_a_chunked_schedule():
+    with pytest.raises(
+        ValueError, match=r"TrainConfig\.pp_virtual_stages=2.*'torch-interleaved-zb'"
+    ):
+        TrainConfig(
+            model="nano", pp=2, pp_virtual_stages=2, pp_schedule="torch-1f1b", micro_batches=4
+        )
+    with pytest.raises(ValueError, match=r"torch-interleaved-zb needs at least 2 chunks"):
+        TrainConfig(model="nano", pp=2, pp_schedule="torch-interleaved-zb", micro_batches=4)

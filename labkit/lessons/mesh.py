@@ -42,6 +42,7 @@ TRAFFIC = {
     "tp": "activations and their gradients: 2 all-reduces per block, each way",
     "dp": "gradients: all-reduce (or reduce-scatter + all-gather when sharded)",
     "pp": "activations forward, their gradients back: send/recv to the next/previous stage",
+    "cp": "key/value blocks of every attention layer, round the ring (send/recv)",
 }
 
 
@@ -77,7 +78,8 @@ def collectives_table(cfg: TrainConfig, rank: int) -> pd.DataFrame:
             }
         )
     sharded = DP_IMPLS[cfg.dp_impl].shards_grads
-    clip_dims = tuple(d for d in DIMS if shape[d] > 1 and (d != "dp" or sharded))
+    # cp ranks, like dp replicas, hold the same (averaged) gradient: not combined for the norm.
+    clip_dims = tuple(d for d in DIMS if shape[d] > 1 and d != "cp" and (d != "dp" or sharded))
     group = next((g for g in group_ranks(shape, clip_dims) if rank in g), [rank])
     rows.append(
         {

@@ -25,7 +25,8 @@ Read this file top to bottom:
    batch every rank can compute for itself, so no shape handshake is needed. Naive model
    parallelism is this same code with ``micro_batches=1``.
 4. ``TorchPipeline``: the same stages run by ``torch.distributed.pipelining``
-   (``PipelineStage`` + ``Schedule1F1B`` or ``ScheduleGPipe``), to compare against.
+   (``PipelineStage`` + ``Schedule1F1B`` or ``ScheduleGPipe``; one stage per chunk with
+   ``ScheduleInterleaved1F1B`` or ``ScheduleInterleavedZeroBubble``), to compare against.
 The analysis of a run's timeline (bubble fraction, activation peaks) is notebook-facing and
 lives in ``labkit.lessons.pipeline_timeline``.
 
@@ -404,11 +405,12 @@ class Pipeline:
 def _timed_stage(pipe: TorchPipeline, *args: Any, **kwargs: Any) -> Any:
     """torch's ``PipelineStage(*args, **kwargs)``, recording each forward and backward.
 
-    The schedule drives the stage through ``forward_one_chunk`` / ``backward_one_chunk``, one
-    micro-batch each, so timing those two calls gives the same events as the hand-written
-    pipeline (send and recv are issued inside torch's schedule and are not recorded).
-    torch.distributed.pipelining is imported here, not at the top of the file: the import
-    takes about a second, which the hand-written pipelines need not pay.
+    The schedule drives the stage through ``forward_one_chunk`` / ``backward_one_chunk`` (and,
+    for zero-bubble schedules, ``backward_weight_one_chunk``), one micro-batch each, so timing
+    those calls gives the same events as the hand-written pipeline (send and recv are issued
+    inside torch's schedule and are not recorded). torch.distributed.pipelining is imported
+    here, not at the top of the file: the import takes about a second, which the hand-written
+    pipelines need not pay.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -425,12 +427,20 @@ def _timed_stage(pipe: TorchPipeline, *args: Any, **kwargs: Any) -> Any:
             with timeline.span("backward", pipe.current_step, mb):
                 return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
 
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            mb = pipe.first_index + bwd_chunk_id
+            with timeline.span("weight", pipe.current_step, mb):
+                return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+
     return TimedStage(*args, **kwargs)
 
 
 class TorchPipeline(Pipeline):
-    """``pp_schedule="torch-1f1b"`` / ``"torch-gpipe"``: our stages, torch's schedule and p2p.
+    """``pp_schedule="torch-..."``: our stages (or chunks), torch's schedule and p2p.
 
+    ``torch-gpipe`` and ``torch-1f1b`` get one ``PipelineStage`` per rank; the interleaved
+    twins (``torch-interleaved-1f1b``, ``torch-interleaved-zb``) one per chunk, virtual stage
+    ``c * pp + rank`` as in the hand-written executor, so both cut the model identically.
     torch's schedules need ``micro_batches >= pp`` here. The loss function is ours: the
     micro-batch's summed cross-entropy times the step's scale, and ``scale_grads=False`` so
     torch does not divide the gradients by the number of micro-batches again. Evaluation
@@ -438,11 +448,12 @@ class TorchPipeline(Pipeline):
     """
 
     def start(self) -> None:
-        """Wrap the (final) stage module for torch and build the schedule."""
+        """Wrap the (final) stage module, or each chunk, for torch and build the schedule."""
         from torch.distributed import pipelining
 
         from labkit.parallel.presets import PP_SCHEDULES
 
+        super().start()
         s, cfg, m = self.s, self.s.cfg, self.s.cfg.micro_batches
         schedule_cls = getattr(pipelining, PP_SCHEDULES[cfg.pp_schedule].torch_class)
         rows = cfg.global_batch_size // cfg.dp // cfg.grad_accum_steps // m
@@ -457,18 +468,31 @@ class TorchPipeline(Pipeline):
         self.current_step, self.first_index = 0, 0
         self._loss_sums: list[torch.Tensor] = []
         self._scale = 1.0
-        self.pipe_stage = _timed_stage(
-            self,
-            s.model,
-            self.stage,
-            self.n_stages,
-            dev,
-            input_args=tokens if self.is_first else act,
-            output_args=logits if self.is_last else act,
-            group=self.group,
-        )
+        if self.n_chunks == 1:
+            modules, indices = [s.model], [self.stage]
+        else:  # a chunk is its layers in order; Sequential only groups them (same parameters)
+            modules = [nn.Sequential(*layers) for layers in self.chunk_layers]
+            indices = [self._virtual(c) for c in range(self.n_chunks)]
+        last = self.n_virtual - 1
+        stages = [
+            _timed_stage(
+                self,
+                module,
+                index,
+                self.n_virtual,
+                dev,
+                input_args=tokens if index == 0 else act,
+                output_args=logits if index == last else act,
+                group=self.group,
+            )
+            for module, index in zip(modules, indices, strict=True)
+        ]
+        multi = issubclass(schedule_cls, pipelining.schedules.PipelineScheduleMulti)
         self.schedule = schedule_cls(
-            self.pipe_stage, n_microbatches=m, loss_fn=self._loss_fn, scale_grads=False
+            stages if multi else stages[0],
+            n_microbatches=m,
+            loss_fn=self._loss_fn,
+            scale_grads=False,
         )
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -119,8 +119,20 @@ PP_SCHEDULES: dict[str, PipelineSchedule] = {
         PipelineSchedule("zb-h1", None, "1F1B with weight gradients moved into the bubble"),
         PipelineSchedule("torch-gpipe", "ScheduleGPipe", "torch.distributed.pipelining GPipe"),
         PipelineSchedule("torch-1f1b", "Schedule1F1B", "torch.distributed.pipelining 1F1B"),
+        PipelineSchedule(
+            "torch-interleaved-1f1b",
+            "ScheduleInterleaved1F1B",
+            "torch.distributed.pipelining interleaved 1F1B (pp_virtual_stages chunks)",
+        ),
+        PipelineSchedule(
+            "torch-interleaved-zb",
+            "ScheduleInterleavedZeroBubble",
+            "torch.distributed.pipelining interleaved zero bubble (pp_virtual_stages chunks)",
+        ),
     )
 }
+# The schedules that hold pp_virtual_stages > 1 chunks of layers per rank.
+CHUNKED_SCHEDULES = ("interleaved-1f1b", "torch-interleaved-1f1b", "torch-interleaved-zb")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
