@@ -29,9 +29,11 @@ from labkit.parallel.pp_orders import ORDERS, bubble_formula
 from labkit.result import RunResult
 
 __all__ = [
+    "FOUR_STAGES",
     "PIPELINE",
     "SCHEDULES",
     "measured_vs_formula",
+    "run_four_stages",
     "run_pipelines",
     "simulate_schedule",
     "simulated_bubbles",
@@ -52,6 +54,23 @@ PIPELINE: dict[str, Any] = {
     "global_batch_size": 48,
     "eval_every": 0,
     "eval_batches": 1,
+}
+
+# Four stages for section 8: `medium` has 6 blocks, so 8 layers make 4 ranks x 2 chunks for
+# interleaving; a short context keeps each of the 4 processes cheap on 2 cores. m = 8 matches
+# the simulated charts of section 7.
+FOUR_STAGES: dict[str, Any] = {
+    **PIPELINE,
+    "model": "medium",
+    "block_size": 16,
+    "global_batch_size": 16,
+    "world_size": 4,
+    "threads": 2,
+}
+FOUR_STAGE_RUNS: dict[str, dict[str, Any]] = {
+    "1F1B": {"pp_schedule": "1f1b"},
+    "interleaved 1F1B, v=2": {"pp_schedule": "interleaved-1f1b", "pp_virtual_stages": 2},
+    "ZB-H1": {"pp_schedule": "zb-h1"},
 }
 
 # The hand-written schedules by strategy name; pp-torch runs torch's own 1F1B.
@@ -220,6 +239,23 @@ def run_pipelines(
         raise ValueError(f"world_size={sizes} is invalid: the runs share one process group")
     results = run_many(configs, progress=progress, desc="pipeline runs")
     return dict(zip(runs, results, strict=True))
+
+
+def run_four_stages(progress: bool = True) -> tuple[dict[str, RunResult], RunResult]:
+    """1F1B, interleaved 1F1B (v = 2) and ZB-H1 on 4 real pipeline ranks, m = 8, and the
+    one-process run of the same settings: ``({label: RunResult}, single)``."""
+    import labkit
+
+    runs = run_pipelines(
+        {
+            label: {"strategy": "mesh", "pp": 4, "micro_batches": 8, **fields}
+            for label, fields in FOUR_STAGE_RUNS.items()
+        },
+        progress=progress,
+        **FOUR_STAGES,
+    )
+    settings = {k: v for k, v in FOUR_STAGES.items() if k not in ("world_size", "threads")}
+    return runs, labkit.run(**settings, threads=1, progress=False)
 
 
 def sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
