@@ -41,6 +41,13 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _bool_or_name(text: str) -> bool | str:
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        return text.strip()
+
+
 def _optional(kind: type) -> Any:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "") else kind(text)
@@ -77,6 +84,7 @@ CHOICES = {
     "nonfinite": C.NONFINITE,
     "precision": C.PRECISIONS,
     "recompute": C.RECOMPUTE,
+    "compile": ("true", "false", *C.COMPILE_BACKENDS),
     "strategy": C.STRATEGIES,
     "dp_impl": C.DP_IMPLS,
     "pp_schedule": C.PP_SCHEDULES,
@@ -93,8 +101,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = None if f.name in C.DERIVED_FIELDS else getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if "bool" in kind:
-            parse: Any = _bool
+        if kind == "bool | str":  # --compile true / false / a backend name
+            parse: Any = _bool_or_name
+        elif "bool" in kind:
+            parse = _bool
         elif "dict" in kind:
             parse, default = _key_values, ",".join(f"{k}={v}" for k, v in default.items())
         elif "tuple" in kind:

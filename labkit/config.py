@@ -28,6 +28,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 NONFINITE = ("skip", "raise")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = ("none", "full", "selective")
+# torch.compile backends TrainConfig.compile may name (True means "inductor", torch's default).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # Strategy names, data-parallel flavours and pipeline schedules: one table, in parallel.presets.
 STRATEGIES = P.STRATEGIES
 DP_IMPLS = tuple(P.DP_IMPLS)
@@ -115,6 +117,10 @@ class TrainConfig:
     # Activation recomputation per transformer block: keep nothing inside a block and recompute
     # it in backward ("full"), or recompute only attention ("selective").
     recompute: str = "none"
+    # torch.compile each transformer block (torchtitan's per-block compile): False (off), True
+    # (the default inductor backend, fused kernels; needs a C++ compiler on CPU), or a backend
+    # name: "aot_eager" traces forward and backward without generating code, "eager" only traces.
+    compile: bool | str = False
     # Parallelism.
     # A preset name (labkit.parallel.presets), or None: "single", or "mesh" when dp/pp/cp/tp are set.
     strategy: str | None = None
@@ -278,6 +284,14 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
         if self.warmup_steps > self.steps:
             _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
+        if self.compile is not False and self.compile is not True:
+            if self.compile not in COMPILE_BACKENDS:
+                _fail(
+                    "compile",
+                    self.compile,
+                    "must be False, True (inductor) or a backend name: "
+                    + ", ".join(repr(b) for b in COMPILE_BACKENDS),
+                )
         for name in ("resume", "overwrite", "progress", "timeline", "layer_norms", "profile"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
@@ -586,6 +600,13 @@ class TrainConfig:
             "eps": self.eps,
             "weight_decay": self.weight_decay,
         }
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend of ``compile``, or None when it is off."""
+        if self.compile is False:
+            return None
+        return "inductor" if self.compile is True else self.compile
 
     @property
     def dp_size(self) -> int:

@@ -63,3 +63,12 @@ def test_nccl_ddp_equals_single_when_two_gpus_are_visible():
     ddp = labkit.run(**NANO, strategy="ddp", world_size=2)
     assert ddp.info["backend"] == "nccl"
     assert single.compare(ddp)["relative_difference"].max() <= 1e-4  # TF32/cuBLAS order
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_blocks_on_cuda_train_close_to_eager():
+    eager = labkit.run(**NANO, precision="bf16")
+    compiled = labkit.run(**NANO, precision="bf16", compile=True)
+    assert compiled.info["compiled_graphs"] >= 1
+    # Fused bf16 kernels round differently: close, not equal.
+    assert abs(compiled.losses.iloc[-1] - eager.losses.iloc[-1]) < 0.05
