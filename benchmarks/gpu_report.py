@@ -4,7 +4,7 @@ Run by ``benchmarks/gpu_check.sh`` on a machine with a GPU; it writes
 ``benchmarks/results/gpu-<card>.md``. Every figure in that file is measured here, except the
 datasheet peaks, which are quoted with their source. Without CUDA it says so and writes nothing.
 
-    python -m benchmarks.gpu_report [--model large] [--steps 30] [--batch 32]
+    python -m benchmarks.gpu_report [--model xl] [--vocab-size 50304] [--steps 30] [--batch 16] [--compile]
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ def datasheet(card: str) -> tuple[float, str] | None:
 def run(argv: list[str]) -> int:
     """Measure and write the report."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report")
-    parser.add_argument("--model", default="large")
+    parser.add_argument("--model", default="xl")
+    parser.add_argument("--vocab-size", type=int, default=50304, help="GPT-2's padded tokenizer")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="TrainConfig.compile=True")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU visible: nothing measured, nothing written")
@@ -58,6 +60,8 @@ def run(argv: list[str]) -> int:
     fp32 = max(peak_matmul_flops("cuda", torch.float32, sizes).values())
     result = labkit.run(
         model=args.model,
+        vocab_size=args.vocab_size,
+        compile=args.compile,
         steps=args.steps,
         global_batch_size=args.batch,
         precision="bf16",
@@ -87,12 +91,15 @@ def run(argv: list[str]) -> int:
         "|---|---|",
         f"| bf16 matmul ceiling (best of {sizes}) | {bf16 / 1e12:.1f} TFLOP/s |",
         f"| fp32 matmul ceiling (best of {sizes}) | {fp32 / 1e12:.1f} TFLOP/s |",
-        f"| train {args.model}, bf16, batch {args.batch}: median step | "
+        f"| train {args.model} (vocab {args.vocab_size}, compile={args.compile}), bf16, batch "
+        f"{args.batch}: median step | "
         f"{float(steady['step_time_s'].median()) * 1e3:.1f} ms |",
         f"| tokens/s | {tokens:,.0f} |",
         f"| achieved (6N + attention FLOPs) | {achieved / 1e12:.1f} TFLOP/s |",
         f"| MFU vs the measured bf16 ceiling | {achieved / bf16:.1%} |",
         f"| peak allocated (torch.cuda.max_memory_allocated) | {mem['peak_bytes'] / 2**30:.2f} GiB |",
+        f"| peak reserved (torch.cuda.max_memory_reserved) | "
+        f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB |",
     ]
     if sheet is not None:
         lines.append(f"| MFU vs the datasheet bf16 peak ({sheet[1]}) | {achieved / sheet[0]:.1%} |")

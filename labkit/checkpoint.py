@@ -40,6 +40,7 @@ STRUCTURAL_FIELDS = (
     "model",
     "norm",
     "block_size",
+    "vocab_size",
     "corpus",
     "strategy",
     "world_size",
@@ -55,7 +56,7 @@ STRUCTURAL_FIELDS = (
     "freeze",
 )
 # Fields newer than some checkpoints: a checkpoint without one was written with this value.
-ADDED_LATER = {"pp_virtual_stages": 1, "cp": 1}
+ADDED_LATER = {"pp_virtual_stages": 1, "cp": 1, "vocab_size": None}
 
 
 class CheckpointError(ValueError):

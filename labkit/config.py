@@ -21,7 +21,7 @@ from labkit.parallel import presets as P
 
 # The names users type. Kept here (not in the modules that implement them) so validation needs no
 # heavy imports and the lists are in one place.
-MODELS = ("nano", "micro", "small", "medium", "large")
+MODELS = ("nano", "micro", "small", "medium", "large", "xl")
 CORPORA = ("pydoc", "synthetic")
 NORMS = ("pre", "post")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -82,6 +82,10 @@ class TrainConfig:
     model: str = "small"
     norm: str = "pre"
     block_size: int | None = None
+    # Rows of the embedding and the output head: None takes the corpus's characters; a larger
+    # number (50304, GPT-2's padded tokenizer) sizes the head like a real tokenizer's, so FLOPs
+    # and memory are those of a real LM (the corpus still uses only its characters' ids).
+    vocab_size: int | None = None
     corpus: str = "pydoc"
     # How long and how much per optimizer step.
     steps: int = 100
@@ -256,6 +260,8 @@ class TrainConfig:
         self._check_int("zclip_warmup_steps", minimum=1)
         if self.block_size is not None:
             self._check_int("block_size", minimum=2)
+        if self.vocab_size is not None:
+            self._check_int("vocab_size", minimum=2)
         if self.threads is not None:
             self._check_int("threads", minimum=1)
         if self.stop_after is not None:

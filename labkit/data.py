@@ -85,6 +85,20 @@ def load_corpus(name: str = "pydoc") -> Corpus:
     return Corpus(name=name, chars=chars, train=tokens[:-n_val], val=tokens[-n_val:])
 
 
+def model_vocab_size(corpus: str, requested: int | None) -> int:
+    """Rows of the model's embedding and head: the corpus's characters, or ``requested``
+    (``TrainConfig.vocab_size``), which must hold every one of them."""
+    have = load_corpus(corpus).vocab_size
+    if requested is None:
+        return have
+    if requested < have:
+        raise ValueError(
+            f"TrainConfig.vocab_size={requested} is invalid: corpus {corpus!r} has {have} "
+            f"characters, so the vocabulary needs at least {have} rows"
+        )
+    return requested
+
+
 def _generator(seed: int, step: int, stream: int) -> torch.Generator:
     # Distinct, reproducible streams for (seed, step, train/val) without global RNG state.
     g = torch.Generator()

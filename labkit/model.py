@@ -40,13 +40,16 @@ class GPTConfig:
         return self.d_model // self.n_head
 
 
-# From a test-sized model (nano, ~32k parameters) to one worth a GPU (large, ~85M).
+# From a test-sized model (nano, ~32k parameters) to ones worth a GPU (large, ~85M; xl, GPT-2
+# medium's shape, ~302M in its blocks: the GPU preset for which MFU means something, best with
+# TrainConfig.vocab_size=50304 so that its head costs what a real tokenizer's would).
 PRESETS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_layer=2, n_head=2, d_model=32, block_size=32),
     "micro": GPTConfig(n_layer=4, n_head=4, d_model=64, block_size=64),
     "small": GPTConfig(n_layer=4, n_head=4, d_model=128, block_size=64),
     "medium": GPTConfig(n_layer=6, n_head=8, d_model=256, block_size=256),
     "large": GPTConfig(n_layer=12, n_head=12, d_model=768, block_size=512),
+    "xl": GPTConfig(n_layer=24, n_head=16, d_model=1024, block_size=1024),
 }
 
 

@@ -5,6 +5,7 @@ checked here, in the caller's process, right before launch:
 
 - the config is valid *now* (re-validated where it is consumed, whatever happened to it since),
 - ``checkpoint_dir`` is a writable directory that does not hold another run's checkpoints,
+- ``vocab_size``, if set, holds every character of the corpus,
 - ``freeze`` prefixes match some, but not all, of the model's parameters,
 - the machine can plausibly hold ``world_size`` processes (a warning, not an error).
 
@@ -98,6 +99,10 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """Every check above, in the order a user would want to hear about them."""
     cfg.validate()
+    if cfg.vocab_size is not None:
+        from labkit.data import model_vocab_size
+
+        model_vocab_size(cfg.corpus, cfg.vocab_size)
     check_freeze(cfg)
     ckpt.preflight(cfg.checkpoint_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:

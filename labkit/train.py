@@ -32,7 +32,13 @@ import torch.distributed as dist
 from labkit import checkpoint as ckpt
 from labkit.clip import make_clipper
 from labkit.config import TrainConfig
-from labkit.data import global_batch, load_corpus, split_micro_batches, validation_batches
+from labkit.data import (
+    global_batch,
+    load_corpus,
+    model_vocab_size,
+    split_micro_batches,
+    validation_batches,
+)
 from labkit.model import GPT, build_gpt, count_params, flops_per_token, model_config
 from labkit.parallel import make_strategy
 from labkit.parallel.base import DistContext, Strategy
@@ -62,10 +68,8 @@ class RankOutput:
 
 def build_model(cfg: TrainConfig) -> GPT:
     """The GPT this config trains, initialised from ``cfg.seed``, with ``cfg.freeze`` applied."""
-    corpus = load_corpus(cfg.corpus)
-    mcfg = model_config(
-        cfg.model, vocab_size=corpus.vocab_size, norm=cfg.norm, block_size=cfg.block_size
-    )
+    vocab = model_vocab_size(cfg.corpus, cfg.vocab_size)
+    mcfg = model_config(cfg.model, vocab_size=vocab, norm=cfg.norm, block_size=cfg.block_size)
     model = build_gpt(mcfg, cfg.seed)
     for block in model.blocks:
         block.recompute = cfg.recompute

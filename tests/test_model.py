@@ -68,3 +68,12 @@ def test_deep_net_gradients_explode_towards_the_input():
     first = net.layers[0].weight.grad.norm()
     last = net.layers[-1].weight.grad.norm()
     assert first > 50 * last
+
+
+def test_xl_preset_has_a_few_hundred_million_parameters_with_a_tokenizer_vocabulary():
+    with torch.device("meta"):  # shapes only: no memory, no init
+        xl = GPT(model_config("xl", vocab_size=50304))
+    assert 300e6 < count_params(xl) < 450e6
+    # The head is a real cost at that vocabulary: about 14% of the matmul weights, as in GPT-2.
+    head = xl.head.out.weight.numel()
+    assert 0.10 < head / matmul_params(xl) < 0.2

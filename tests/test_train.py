@@ -145,3 +145,21 @@ def test_fp16_overflow_skips_exactly_that_step_and_the_schedule_goes_on():
     assert hit.metrics["lr"].tolist() == clean.metrics["lr"].tolist()
     # Until the overflow the runs are the same; the skipped step left the weights as they were.
     assert hit.metrics["loss"].tolist()[:3] == clean.metrics["loss"].tolist()[:3]
+
+
+def test_vocab_size_pads_embedding_and_head_and_still_trains():
+    run = labkit.run(model="nano", steps=3, global_batch_size=4, vocab_size=512, progress=False)
+    state = run.state_dict()
+    assert state["embed.tok.weight"].shape[0] == state["head.out.weight"].shape[0] == 512
+    assert run.losses.notna().all()
+
+
+def test_vocab_size_smaller_than_the_corpus_is_refused_before_launch(monkeypatch):
+    from labkit import launch
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(launch, "run_on_workers", no_workers)
+    with pytest.raises(ValueError, match=r"TrainConfig\.vocab_size=10 is invalid: corpus"):
+        labkit.run(model="nano", strategy="ddp", world_size=2, vocab_size=10, progress=False)
