@@ -327,6 +327,8 @@ class TrainConfig:
         if sched in P.CHUNKED_SCHEDULES:
             if v < 2:
                 _fail("pp_virtual_stages", v, f"{sched} needs at least 2 chunks per rank")
+            if sched == "torch-zbv" and v != 2:
+                _fail("pp_virtual_stages", v, "torch-zbv places exactly 2 chunks per rank (a V)")
             if pp * v > n_layer + 2:
                 _fail(
                     "pp_virtual_stages",

@@ -45,6 +45,11 @@ RUNS = {
         "nano",
         dict(pp=2, pp_schedule="torch-interleaved-zb", pp_virtual_stages=2, micro_batches=4),
     ),
+    # ZBV: two chunks per rank in a V, so rank 0 holds both the embedding and the head.
+    "torch-zbv-p2-m4": (
+        "nano",
+        dict(pp=2, pp_schedule="torch-zbv", pp_virtual_stages=2, micro_batches=4),
+    ),
     "interleaved-dp2-pp2-bucketed": (
         "nano",
         dict(dp=2, pp=2, pp_virtual_stages=2, micro_batches=2, dp_impl="bucketed"),
@@ -229,6 +234,10 @@ def test_chunks_need_a_chunked_schedule():
     ):
         TrainConfig(
             model="nano", pp=2, pp_virtual_stages=2, pp_schedule="torch-1f1b", micro_batches=4
+        )
+    with pytest.raises(ValueError, match=r"torch-zbv places exactly 2 chunks per rank"):
+        TrainConfig(
+            model="medium", pp=2, pp_virtual_stages=3, pp_schedule="torch-zbv", micro_batches=4
         )
     with pytest.raises(ValueError, match=r"torch-interleaved-zb needs at least 2 chunks"):
         TrainConfig(model="nano", pp=2, pp_schedule="torch-interleaved-zb", micro_batches=4)

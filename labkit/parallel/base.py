@@ -266,13 +266,14 @@ class Strategy:
     def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
         """The global batch's summed loss (identical on every rank).
 
-        The last pipeline stage holds its replica's loss: broadcast over pp; the replicas' sums
+        The pipeline stage that scores the loss (``pipe.loss_stage``) holds its replica's loss:
+        broadcast over pp; the replicas' sums
         (and each cp rank's, over its tokens) add up over dp and cp; tp slices computed the same
         loss.
         """
         value = local_loss_sum.detach().clone()
         if self.mesh.size("pp") > 1:
-            dist.broadcast(value, group=self.mesh.group("pp"), group_src=self.mesh.size("pp") - 1)
+            dist.broadcast(value, group=self.mesh.group("pp"), group_src=self.pipe.loss_stage)
         if self.sync_size > 1:
             dist.all_reduce(value, group=self.mesh.group("dp", "cp"))
         return float(value)

@@ -26,7 +26,8 @@ Read this file top to bottom:
    parallelism is this same code with ``micro_batches=1``.
 4. ``TorchPipeline``: the same stages run by ``torch.distributed.pipelining``
    (``PipelineStage`` + ``Schedule1F1B`` or ``ScheduleGPipe``; one stage per chunk with
-   ``ScheduleInterleaved1F1B`` or ``ScheduleInterleavedZeroBubble``), to compare against.
+   ``ScheduleInterleaved1F1B``, ``ScheduleInterleavedZeroBubble`` or ``ScheduleZBVZeroBubble``),
+   to compare against.
 The analysis of a run's timeline (bubble fraction, activation peaks) is notebook-facing and
 lives in ``labkit.lessons.pipeline_timeline``.
 
@@ -178,7 +179,19 @@ class Pipeline:
         self.n_virtual = p * self.n_chunks
         self.bounds = stage_bounds(model, self.n_virtual, cfg.pp_balance)
         # Rank r runs virtual stages r, r + p, r + 2p, ...: chunk c is virtual stage c * p + r.
-        mine = [self.bounds[c * p + self.stage] for c in range(self.n_chunks)]
+        # torch's ZBV schedule places two chunks in a V instead: r on the way down, 2p - 1 - r
+        # on the way back, so the last rank hands its first chunk's output to itself.
+        self.v_shape = cfg.pp_schedule == "torch-zbv"
+        if self.v_shape:
+            self.placement = [self.stage, 2 * p - 1 - self.stage]
+        else:
+            self.placement = [c * p + self.stage for c in range(self.n_chunks)]
+        mine = [self.bounds[vs] for vs in self.placement]
+        # Who reads the tokens and who scores the loss: the owners of the first and last virtual
+        # stages (rank 0 and rank p - 1, except in a V, where rank 0 holds both ends).
+        self.holds_input = 0 in self.placement
+        self.holds_loss = self.n_virtual - 1 in self.placement
+        self.loss_stage = 0 if self.v_shape else p - 1
         names = model.layer_names()
         self.chunk_layer_names = [names[start:stop] for start, stop in mine]
         self.stage_layer_names = [n for chunk in self.chunk_layer_names for n in chunk]
@@ -202,7 +215,16 @@ class Pipeline:
         return self.order_fn(n_micro, self.stage, self.n_stages, self.n_chunks)
 
     def _virtual(self, chunk: int) -> int:
-        return chunk * self.n_stages + self.stage
+        return self.placement[chunk]
+
+    def _owner(self, virtual_stage: int) -> int:
+        """The global rank that runs ``virtual_stage``."""
+        p = self.n_stages
+        if self.v_shape:
+            index = virtual_stage if virtual_stage < p else 2 * p - 1 - virtual_stage
+        else:
+            index = virtual_stage % p
+        return self.s.mesh.peer("pp", index)
 
     def _tag(self, mb: int, virtual_stage: int, gradient: bool) -> int:
         """A tag per message: the activation going into a virtual stage, or the gradient of its
@@ -367,27 +389,33 @@ class Pipeline:
         device = self.s.ctx.device
         total, tokens = 0.0, 0
         last = self.n_virtual - 1
+        me = self.s.ctx.rank
         for x, y in batches:
             x, y = x.to(device), y.to(device)
+            local: torch.Tensor | None = None  # an output this rank hands to its own next chunk
             for chunk in range(self.n_chunks):
                 vs = self._virtual(chunk)
                 if vs == 0:
                     inp = x
+                elif self._owner(vs - 1) == me:
+                    inp, local = local, None
                 else:
                     shape = self._activation_shape(x)
                     inp = torch.empty(shape, dtype=ACTIVATION_DTYPE, device=device)
-                    dist.recv(inp, self.prev_rank)
+                    dist.recv(inp, self._owner(vs - 1))
                 with self.s.autocast():
                     out = self._run_chunk(chunk, inp)
                     if vs == last:
                         total += float(lm_loss_sum(out, y))
-                if vs != last:
+                if vs != last and self._owner(vs + 1) == me:
+                    local = out.to(ACTIVATION_DTYPE)
+                elif vs != last:
                     # One batch at a time along one path: the receiver is (or will be) waiting
                     # in its recv, so a blocking send cannot deadlock.
-                    dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self.next_rank)
+                    dist.send(out.to(ACTIVATION_DTYPE).contiguous(), self._owner(vs + 1))
             tokens += y.numel()
         value = torch.tensor([total], dtype=torch.float64, device=device)
-        dist.broadcast(value, group=self.group, group_src=self.n_stages - 1)
+        dist.broadcast(value, group=self.group, group_src=self.loss_stage)
         return float(value) / tokens
 
     def close(self) -> None:
@@ -440,7 +468,8 @@ class TorchPipeline(Pipeline):
 
     ``torch-gpipe`` and ``torch-1f1b`` get one ``PipelineStage`` per rank; the interleaved
     twins (``torch-interleaved-1f1b``, ``torch-interleaved-zb``) one per chunk, virtual stage
-    ``c * pp + rank`` as in the hand-written executor, so both cut the model identically.
+    ``c * pp + rank`` as in the hand-written executor, so both cut the model identically;
+    ``torch-zbv`` two per rank in a V (virtual stages ``rank`` and ``2 pp - 1 - rank``).
     torch's schedules need ``micro_batches >= pp`` here. The loss function is ours: the
     micro-batch's summed cross-entropy times the step's scale, and ``scale_grads=False`` so
     torch does not divide the gradients by the number of micro-batches again. Evaluation
@@ -508,9 +537,9 @@ class TorchPipeline(Pipeline):
         self._loss_sums.clear()
         for chunk, (x, y) in enumerate(micro_batches):
             self.first_index = chunk * self.s.cfg.micro_batches
-            args = (x,) if self.is_first else ()
+            args = (x,) if self.holds_input else ()
             with self.s.autocast():
-                self.schedule.step(*args, target=y if self.is_last else None)
+                self.schedule.step(*args, target=y if self.holds_loss else None)
         total = torch.zeros((), device=self.s.ctx.device)
         for loss_sum in self._loss_sums:
             total += loss_sum

@@ -129,10 +129,20 @@ PP_SCHEDULES: dict[str, PipelineSchedule] = {
             "ScheduleInterleavedZeroBubble",
             "torch.distributed.pipelining interleaved zero bubble (pp_virtual_stages chunks)",
         ),
+        PipelineSchedule(
+            "torch-zbv",
+            "ScheduleZBVZeroBubble",
+            "torch.distributed.pipelining ZBV zero bubble (2 chunks per rank in a V)",
+        ),
     )
 }
 # The schedules that hold pp_virtual_stages > 1 chunks of layers per rank.
-CHUNKED_SCHEDULES = ("interleaved-1f1b", "torch-interleaved-1f1b", "torch-interleaved-zb")
+CHUNKED_SCHEDULES = (
+    "interleaved-1f1b",
+    "torch-interleaved-1f1b",
+    "torch-interleaved-zb",
+    "torch-zbv",
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
