@@ -198,6 +198,18 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
                 f"TrainConfig.resume: the checkpoint in {root} was written with {name}={a!r}, "
                 f"this run has {name}={b!r}; resume with the same {name} or another checkpoint_dir"
             )
+    # Which chunks a rank holds: ZBV places them in a V, every other schedule at c * pp + rank.
+    if config.get("pp", 1) > 1 and config.get("pp_virtual_stages", 1) > 1:
+        placement = {}
+        placement["a"] = "V" if saved.get("pp_schedule") == "torch-zbv" else "interleaved"
+        placement["b"] = "V" if config.get("pp_schedule") == "torch-zbv" else "interleaved"
+        if placement["a"] != placement["b"]:
+            raise ValueError(
+                f"TrainConfig.resume: the checkpoint in {root} was written with pp_schedule="
+                f"{saved.get('pp_schedule')!r}, whose ranks hold other chunks than this run's "
+                f"pp_schedule={config.get('pp_schedule')!r}; resume with a schedule of the same "
+                "chunk placement or another checkpoint_dir"
+            )
     step = int(meta["step"])
     if step > config["steps"]:
         raise ValueError(

@@ -192,6 +192,17 @@ def test_resume_with_other_chunks_per_rank_is_refused(tmp_path):
         labkit.run(**other)
 
 
+@pytest.mark.distributed
+def test_resume_across_chunk_placements_is_refused(tmp_path):
+    # Interleaving puts rank 0's chunks at virtual stages 0 and 2; ZBV at 0 and 3.
+    common = _config(
+        "nano", pp=2, pp_virtual_stages=2, micro_batches=4, checkpoint_dir=str(tmp_path)
+    )
+    labkit.run(**{**common, "steps": 2, "checkpoint_every": 1})
+    with pytest.raises(ValueError, match="ranks hold other chunks"):
+        labkit.run(**{**common, "pp_schedule": "torch-zbv", "resume": True})
+
+
 def test_the_stash_counts_as_activations_until_its_w_pass():
     from labkit.memory import SavedTensorMeter
 

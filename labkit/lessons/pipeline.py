@@ -38,6 +38,7 @@ __all__ = [
     "simulate_schedule",
     "simulated_bubbles",
     "stage_table",
+    "step_times",
     "sweep_table",
 ]
 
@@ -256,6 +257,23 @@ def run_four_stages(progress: bool = True) -> tuple[dict[str, RunResult], RunRes
     )
     settings = {k: v for k, v in FOUR_STAGES.items() if k not in ("world_size", "threads")}
     return runs, labkit.run(**settings, threads=1, progress=False)
+
+
+def step_times(runs: Mapping[str, RunResult]) -> pd.DataFrame:
+    """Each run's measured step time: the median over the steps after the first, of its slowest
+    rank (a step ends when every rank has finished it), in milliseconds, with its rank count."""
+    rows = []
+    for label, run in runs.items():
+        m = run.metrics
+        steady = m[m["step"] > m["step"].min()] if m["step"].nunique() > 1 else m
+        rows.append(
+            {
+                "run": label,
+                "processes": run.config.world_size,
+                "step_ms": 1e3 * float(steady.groupby("rank")["step_time_s"].median().max()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("run")
 
 
 def sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:

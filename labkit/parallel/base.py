@@ -285,7 +285,8 @@ class Strategy:
         try:
             if self.pipe is not None:
                 return self.pipe.evaluate(batches)
-            total = torch.zeros((), dtype=torch.float64)
+            # On the run's device: NCCL all-reduces only CUDA tensors.
+            total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
             tokens = 0
             cp = self.mesh.size("cp")
             for x, y in batches:

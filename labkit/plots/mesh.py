@@ -19,13 +19,15 @@ STAGE_COLORS = ("#cfe2f3", "#d9ead3", "#fff2cc", "#f4cccc", "#d9d2e9", "#fce5cd"
 
 def plot_mesh(cfg: Any, title: str | None = None) -> Figure:
     """Every rank of ``cfg``'s mesh as a box: stages left to right, replicas top to bottom,
-    tensor-parallel slices side by side inside a replica. Each box names what the rank holds."""
+    tensor-parallel slices (and context-parallel pieces) side by side inside a replica. Each box
+    names what the rank holds."""
     table = layout(cfg)
-    pp, dp, tp = cfg.pp, cfg.dp, cfg.tp
+    # A stage's column holds cp x tp boxes: cp pieces of the sequence, each cut into tp slices.
+    pp, dp, tp = cfg.pp, cfg.dp, cfg.tp * cfg.cp
     box_w, box_h, gap = 2.3, 1.25, 0.35
     fig, ax = new_figure(width=min(2.0 + 2.6 * pp * tp, 13.0), height=0.9 + 1.55 * dp)
     for rank, row in table.iterrows():
-        x = (row["pp"] * tp + row["tp"]) * box_w + row["pp"] * gap
+        x = (row["pp"] * tp + row["cp"] * cfg.tp + row["tp"]) * box_w + row["pp"] * gap
         y = -row["dp"] * (box_h + 0.25)
         ax.add_patch(
             FancyBboxPatch(
@@ -37,8 +39,10 @@ def plot_mesh(cfg: Any, title: str | None = None) -> Figure:
                 edgecolor="0.3",
             )
         )
-        text = f"rank {rank}\n{row['layers']}\nbatch rows {row['rows']}" + (
-            f"\nheads {row['heads']}" if tp > 1 else ""
+        text = (
+            f"rank {rank}\n{row['layers']}\nbatch rows {row['rows']}"
+            + (f"\nheads {row['heads']}" if cfg.tp > 1 else "")
+            + (f"\ntokens {row['tokens']}" if cfg.cp > 1 else "")
         )
         ax.text(x + box_w / 2 - 0.06, y + box_h / 2, text, ha="center", va="center", fontsize=8.5)
     for s in range(pp):
