@@ -200,10 +200,7 @@ def check_compatible(root: str | os.PathLike, config: dict[str, Any]) -> int | N
             )
     # Which chunks a rank holds: ZBV places them in a V, every other schedule at c * pp + rank.
     if config.get("pp", 1) > 1 and config.get("pp_virtual_stages", 1) > 1:
-        placement = {}
-        placement["a"] = "V" if saved.get("pp_schedule") == "torch-zbv" else "interleaved"
-        placement["b"] = "V" if config.get("pp_schedule") == "torch-zbv" else "interleaved"
-        if placement["a"] != placement["b"]:
+        if (saved.get("pp_schedule") == "torch-zbv") != (config.get("pp_schedule") == "torch-zbv"):
             raise ValueError(
                 f"TrainConfig.resume: the checkpoint in {root} was written with pp_schedule="
                 f"{saved.get('pp_schedule')!r}, whose ranks hold other chunks than this run's "

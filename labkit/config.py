@@ -290,14 +290,13 @@ class TrainConfig:
             _fail("min_lr", self.min_lr, f"must not exceed lr={self.lr}")
         if self.warmup_steps > self.steps:
             _fail("warmup_steps", self.warmup_steps, f"must be at most steps={self.steps}")
-        if self.compile is not False and self.compile is not True:
-            if self.compile not in COMPILE_BACKENDS:
-                _fail(
-                    "compile",
-                    self.compile,
-                    "must be False, True (inductor) or a backend name: "
-                    + ", ".join(repr(b) for b in COMPILE_BACKENDS),
-                )
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_BACKENDS:
+            _fail(
+                "compile",
+                self.compile,
+                "must be False, True (inductor) or a backend name: "
+                + ", ".join(repr(b) for b in COMPILE_BACKENDS),
+            )
         for name in ("resume", "overwrite", "progress", "timeline", "layer_norms", "profile"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
@@ -642,6 +641,7 @@ class TrainConfig:
 
 def _check_torch_schedule(name: str) -> None:
     """torch's twin ``name`` must exist in the installed torch (newer schedules are recent)."""
+    import torch
     import torch.distributed.pipelining as pipelining
 
     cls = P.PP_SCHEDULES[name].torch_class
@@ -649,16 +649,9 @@ def _check_torch_schedule(name: str) -> None:
         _fail(
             "pp_schedule",
             name,
-            f"torch {torch_version()} has no torch.distributed.pipelining.{cls}; use the "
+            f"torch {torch.__version__} has no torch.distributed.pipelining.{cls}; use the "
             "hand-written schedule of the same name without 'torch-', or a newer torch",
         )
-
-
-def torch_version() -> str:
-    """The installed torch's version (imported only when asked)."""
-    import torch
-
-    return torch.__version__
 
 
 def _check_known(names: Any) -> None:

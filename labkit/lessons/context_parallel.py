@@ -94,6 +94,7 @@ def train_with_cp(
     ``kv_formula_KiB`` (``ring_bytes_formula``, the prediction beside it), ``step_ms`` (median
     step time of the slowest rank, after the first step)."""
     import labkit
+    from labkit.lessons.pipeline import steady_step_ms
 
     settings = {"model": "nano", "steps": 3, "global_batch_size": 8, **fields}
     results = {}
@@ -106,7 +107,6 @@ def train_with_cp(
     rows = []
     for cp, result in results.items():
         m = result.metrics
-        steady = m[m["step"] > m["step"].min()]
         rows.append(
             {
                 "cp": cp,
@@ -114,7 +114,7 @@ def train_with_cp(
                 "activations_KiB": result.memory["activations_bytes"].max() / 1024,
                 "kv_sent_KiB": m["comm_bytes_cp"].max() / 1024,
                 "kv_formula_KiB": ring_bytes_formula(result.config) / 1024,
-                "step_ms": 1e3 * steady.groupby("rank")["step_time_s"].median().max(),
+                "step_ms": steady_step_ms(result),
             }
         )
     return pd.DataFrame(rows).set_index("cp")

@@ -38,6 +38,7 @@ __all__ = [
     "simulate_schedule",
     "simulated_bubbles",
     "stage_table",
+    "steady_step_ms",
     "step_times",
     "sweep_table",
 ]
@@ -259,20 +260,20 @@ def run_four_stages(progress: bool = True) -> tuple[dict[str, RunResult], RunRes
     return runs, labkit.run(**settings, threads=1, progress=False)
 
 
+def steady_step_ms(run: RunResult) -> float:
+    """A run's measured step time in milliseconds: the median over the steps after the first
+    (which pays one-off costs), of its slowest rank (a step ends when every rank is done)."""
+    m = run.metrics
+    steady = m[m["step"] > m["step"].min()] if m["step"].nunique() > 1 else m
+    return 1e3 * float(steady.groupby("rank")["step_time_s"].median().max())
+
+
 def step_times(runs: Mapping[str, RunResult]) -> pd.DataFrame:
-    """Each run's measured step time: the median over the steps after the first, of its slowest
-    rank (a step ends when every rank has finished it), in milliseconds, with its rank count."""
-    rows = []
-    for label, run in runs.items():
-        m = run.metrics
-        steady = m[m["step"] > m["step"].min()] if m["step"].nunique() > 1 else m
-        rows.append(
-            {
-                "run": label,
-                "processes": run.config.world_size,
-                "step_ms": 1e3 * float(steady.groupby("rank")["step_time_s"].median().max()),
-            }
-        )
+    """Each run's ``steady_step_ms`` beside its number of processes, one row per run."""
+    rows = [
+        {"run": label, "processes": run.config.world_size, "step_ms": steady_step_ms(run)}
+        for label, run in runs.items()
+    ]
     return pd.DataFrame(rows).set_index("run")
 
 

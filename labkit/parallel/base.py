@@ -158,12 +158,17 @@ class Strategy:
         """This rank's part of a global batch: its replica's rows, and with cp > 1 its zig-zag
         piece of each sequence."""
         rows = self.batch_rows(len(x))
-        x, y = x[rows], y[rows]
-        if self.mesh.size("cp") > 1:
-            from labkit.parallel.context_parallel import shard_sequences
+        return self._sequence_piece(x[rows], y[rows])
 
-            x, y = shard_sequences(x, y, self.mesh.local_rank("cp"), self.mesh.size("cp"))
-        return x, y
+    def _sequence_piece(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With cp > 1, this rank's zig-zag piece of every sequence; otherwise all of them."""
+        if self.mesh.size("cp") == 1:
+            return x, y
+        from labkit.parallel.context_parallel import shard_sequences
+
+        return shard_sequences(x, y, self.mesh.local_rank("cp"), self.mesh.size("cp"))
 
     # ------------------------------------------------------------------ one step
     def autocast(self) -> AbstractContextManager[Any]:
@@ -267,9 +272,8 @@ class Strategy:
         """The global batch's summed loss (identical on every rank).
 
         The pipeline stage that scores the loss (``pipe.loss_stage``) holds its replica's loss:
-        broadcast over pp; the replicas' sums
-        (and each cp rank's, over its tokens) add up over dp and cp; tp slices computed the same
-        loss.
+        broadcast over pp; the replicas' sums (and each cp rank's, over its tokens) add up over
+        dp and cp; tp slices computed the same loss.
         """
         value = local_loss_sum.detach().clone()
         if self.mesh.size("pp") > 1:
@@ -291,10 +295,7 @@ class Strategy:
             cp = self.mesh.size("cp")
             for x, y in batches:
                 tokens += y.numel()
-                if cp > 1:  # each cp rank scores its piece of every sequence; the sums add up
-                    from labkit.parallel.context_parallel import shard_sequences
-
-                    x, y = shard_sequences(x, y, self.mesh.local_rank("cp"), cp)
+                x, y = self._sequence_piece(x, y)  # each cp rank scores its piece; sums add up
                 x, y = x.to(self.ctx.device), y.to(self.ctx.device)
                 with self.autocast():
                     total += float(lm_loss_sum(self.model(x), y))

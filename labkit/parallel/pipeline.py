@@ -191,7 +191,7 @@ class Pipeline:
         # stages (rank 0 and rank p - 1, except in a V, where rank 0 holds both ends).
         self.holds_input = 0 in self.placement
         self.holds_loss = self.n_virtual - 1 in self.placement
-        self.loss_stage = 0 if self.v_shape else p - 1
+        self.loss_stage = self._owner_stage(self.n_virtual - 1)
         names = model.layer_names()
         self.chunk_layer_names = [names[start:stop] for start, stop in mine]
         self.stage_layer_names = [n for chunk in self.chunk_layer_names for n in chunk]
@@ -217,14 +217,16 @@ class Pipeline:
     def _virtual(self, chunk: int) -> int:
         return self.placement[chunk]
 
-    def _owner(self, virtual_stage: int) -> int:
-        """The global rank that runs ``virtual_stage``."""
+    def _owner_stage(self, virtual_stage: int) -> int:
+        """The pipeline rank (pp coordinate) that runs ``virtual_stage``."""
         p = self.n_stages
         if self.v_shape:
-            index = virtual_stage if virtual_stage < p else 2 * p - 1 - virtual_stage
-        else:
-            index = virtual_stage % p
-        return self.s.mesh.peer("pp", index)
+            return virtual_stage if virtual_stage < p else 2 * p - 1 - virtual_stage
+        return virtual_stage % p
+
+    def _owner(self, virtual_stage: int) -> int:
+        """The global rank that runs ``virtual_stage``."""
+        return self.s.mesh.peer("pp", self._owner_stage(virtual_stage))
 
     def _tag(self, mb: int, virtual_stage: int, gradient: bool) -> int:
         """A tag per message: the activation going into a virtual stage, or the gradient of its
