@@ -17,10 +17,14 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import labkit  # noqa: E402
 from labkit.clip import global_grad_norm  # noqa: E402
+from labkit.data import load_corpus  # noqa: E402
 from labkit.lessons.clipping import (  # noqa: E402
+    adam_replay,
     compare_norm_and_value_clipping,
     deepnet_with_grads,
+    held_out_gap,
     module_grad_norms,
     parameter_norm_table,
     spike_table,
@@ -31,6 +35,7 @@ from labkit.lessons.clipping import (  # noqa: E402
 )
 from labkit.plots import figure_signature  # noqa: E402
 from labkit.plots.clipping import (  # noqa: E402
+    plot_adam_replay,
     plot_clip_direction_2d,
     plot_layer_norm_heatmap,
     plot_module_norms,
@@ -196,6 +201,47 @@ def test_spike_passes_a_fixed_threshold_but_not_the_adaptive_clippers():
     assert ordinary["zclip"].to_numpy() == pytest.approx(ordinary["pre_clip"].to_numpy(), rel=1e-5)
 
 
+def test_adamw_steps_about_lr_whatever_the_gradient_scale():
+    """Notebook 01, section 4: scaling every gradient cancels out of AdamW's step."""
+    norms = spiky_norms(steps=100, spike_at=70, spike_factor=30.0)
+    plain = adam_replay(norms, lr=1e-3)
+    scaled = adam_replay([0.01 * n for n in norms], lr=1e-3)
+    assert list(plain.columns) == ["step", "grad_norm", "step_over_lr", "sqrt_v"]
+    assert plain.loc[0, "step_over_lr"] == pytest.approx(1.0, rel=1e-4)  # Adam's first step: lr
+    assert scaled["step_over_lr"].to_numpy() == pytest.approx(
+        plain["step_over_lr"].to_numpy(), abs=1e-3
+    )
+    assert plain["step_over_lr"].max() <= 1.01  # never the spike's 30-fold step SGD would take
+    assert scaled.loc[70, "sqrt_v"] == pytest.approx(0.01 * plain.loc[70, "sqrt_v"], rel=1e-4)
+
+
+def test_clipping_keeps_a_spike_out_of_adamws_second_moment():
+    norms = spiky_norms(steps=100, spike_at=70, spike_factor=30.0)
+    plain, clipped = adam_replay(norms), adam_replay(norms, max_norm=1.0)
+    assert clipped["grad_norm"].max() <= 1.0 + 1e-6
+    assert plain.loc[70, "sqrt_v"] > 3 * plain.loc[69, "sqrt_v"]  # the spike inflates v ...
+    assert clipped.loc[70, "sqrt_v"] < 1.2 * clipped.loc[69, "sqrt_v"]  # ... unless clipped
+    # ... and the unclipped steps after the spike shrink, the clipped ones carry on.
+    assert plain.loc[80, "step_over_lr"] < 0.6 * plain.loc[69, "step_over_lr"]
+    assert clipped.loc[80, "step_over_lr"] > 0.9 * clipped.loc[69, "step_over_lr"]
+
+
+def test_held_out_gap_scores_the_same_weights_on_both_texts():
+    result = labkit.run(model="nano", steps=3, threads=1, progress=False)
+    gap = held_out_gap(result, n_batches=2)
+    assert list(gap.index) == ["training text", "held-out text"]
+    assert list(gap.columns) == ["topics", "characters", "char_entropy", "loss"]
+    corpus = load_corpus("pydoc")
+    assert gap["characters"].sum() == len(corpus.train) + len(corpus.val)
+    assert (gap["loss"] > 0).all() and (gap["char_entropy"] > 0).all()
+    # The corpus is the pydoc topics in alphabetical order; the held-out text is its end.
+    assert (
+        gap.loc["training text", "topics"].split(" ... ")[1]
+        == (gap.loc["held-out text", "topics"].split(" ... ")[0])
+    )
+    assert gap.loc["held-out text", "topics"].endswith("yield")
+
+
 # --- figures -----------------------------------------------------------------------------------
 
 
@@ -207,6 +253,29 @@ def test_plot_runs_marks_a_divergence():
     assert any("nan/inf from step" in label and label.startswith("none") for label in labels)
     assert not any(label.startswith("norm:") for label in labels)
     assert loss_ax.get_yscale() == "log"  # the values span many orders of magnitude
+
+
+def test_plot_runs_linear_scale_and_validation_dots():
+    runs = {"none": train_deepnet(lr=0.1, steps=40), "norm": train_deepnet(lr=0.1, max_norm=1.0)}
+    fig = plot_runs(runs, scale="linear")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    assert plot_runs(runs, scale="log").axes[1].get_yscale() == "log"
+    with pytest.raises(ValueError, match="scale="):
+        plot_runs(runs, scale="logarithmic")
+    metrics = pd.DataFrame(
+        {
+            "step": [0, 1, 2],
+            "loss": [3.0, 2.5, 2.0],
+            "val_loss": [float("nan"), float("nan"), 2.2],
+            "grad_norm": [1.0, 1.0, 1.0],
+            "grad_norm_clipped": [1.0, 1.0, 1.0],
+        }
+    )
+    labels = [line.get_label() for line in plot_runs({"a": metrics}, validation=True).axes[0].lines]
+    assert "a: validation" in labels
+    assert "a: validation" not in [
+        line.get_label() for line in plot_runs({"a": metrics}).axes[0].lines
+    ]
 
 
 def test_heatmap_has_one_row_per_module_and_greys_out_nonfinite():
@@ -233,6 +302,7 @@ def test_other_figures_draw_their_data():
         plot_clip_direction_2d(),
         plot_norm_vs_value(compare_norm_and_value_clipping(net)),
         plot_spike(spike_table(spiky_norms()), max_norm=5.0, spike_at=70),
+        plot_adam_replay({"no clipping": adam_replay(spiky_norms())}, spike_at=70),
     ]
     signatures = {figure_signature(f) for f in figures}
     assert len(signatures) == len(figures)

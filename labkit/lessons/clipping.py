@@ -10,8 +10,11 @@ deliberately small:
    how much each one turns the update (cosine with the original direction).
 5. ``spiky_norms`` and ``spike_table``: a made-up sequence of gradient norms with one spike, fed to
    a fixed threshold, AutoClip and ZClip through a single parameter whose gradient has that norm.
+6. ``adam_replay``: a norm sequence replayed through AdamW (optionally clipped first): the step
+   AdamW takes per coordinate, in units of the learning rate, and its second-moment estimate.
 
-``summarize_runs`` tabulates the numbers the notebook quotes for any of these runs.
+``summarize_runs`` tabulates the numbers the notebook quotes for any of these runs;
+``held_out_gap`` compares a trained model's loss on the training text and on the held-out text.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from labkit.clip import (
 __all__ = [
     "DirectionComparison",
     "ToyRun",
+    "adam_replay",
     "compare_norm_and_value_clipping",
     "deepnet_with_grads",
     "drive_clipper",
     "first_nonfinite_step",
+    "held_out_gap",
     "module_grad_norms",
     "one_thread",
     "parameter_norm_table",
@@ -389,3 +394,123 @@ def spike_table(
             ),
         }
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Clipping under AdamW: the step is about lr per coordinate, whatever the norm
+# ---------------------------------------------------------------------------------------------
+
+
+def adam_replay(
+    norms: list[float],
+    max_norm: float | None = None,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> pd.DataFrame:
+    """Replay gradient norms through ``torch.optim.AdamW``, clipping each to ``max_norm`` first.
+
+    As in ``drive_clipper``, one 4-element parameter gets a gradient of each norm in turn along a
+    fixed unit direction (so every coordinate has the same size), optionally clipped by
+    ``clip_grad_norm_``, and AdamW (labkit's defaults: betas 0.9/0.95, no weight decay) steps.
+    One row per step: ``grad_norm`` (the norm AdamW received, after clipping), ``step_over_lr``
+    (the root-mean-square change of a coordinate, in units of ``lr``) and ``sqrt_v`` (the square
+    root of AdamW's bias-corrected second-moment estimate, root-mean-square over coordinates: the
+    gradient size AdamW divides by). SGD's step would be ``lr * grad_norm``; AdamW's is near ``lr``
+    per coordinate whatever the norm, because it divides by ``sqrt_v``.
+    """
+    p = nn.Parameter(torch.zeros(4))
+    direction = torch.tensor([0.5, -0.5, 0.5, 0.5])  # a unit vector
+    optimizer = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    rows = []
+    for step, n in enumerate(norms):
+        p.grad = direction * n
+        if max_norm is not None:
+            clip_grad_norm_([p], max_norm)
+        fed = float(p.grad.norm())
+        before = p.detach().clone()
+        optimizer.step()
+        change = p.detach() - before
+        v_hat = optimizer.state[p]["exp_avg_sq"] / (1 - betas[1] ** (step + 1))
+        rows.append(
+            {
+                "step": step,
+                "grad_norm": fed,
+                "step_over_lr": float(change.pow(2).mean().sqrt()) / lr,
+                "sqrt_v": float(v_hat.mean().sqrt()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Why validation loss can sit below training loss: what the held-out text is
+# ---------------------------------------------------------------------------------------------
+
+
+def _topic_span(corpus: str, start: int, stop: int) -> str:
+    """The first and last pydoc topic that characters ``start:stop`` of the corpus fall in."""
+    if corpus != "pydoc":
+        return ""
+    from pydoc_data.topics import topics
+
+    names, ends, pos = sorted(topics), [], 0
+    for name in names:  # the corpus joins the topics in this order with "\n\n" (data.pydoc_text)
+        pos += len(topics[name]) + 2
+        ends.append(pos)
+    first = next(i for i, end in enumerate(ends) if end > start)
+    last = next(i for i, end in enumerate(ends) if end > stop - 1)
+    return f"{names[first]} ... {names[last]}"
+
+
+@one_thread()
+@torch.no_grad()
+def held_out_gap(result: Any, n_batches: int = 16) -> pd.DataFrame:
+    """The trained model of ``result`` (a ``RunResult``) scored on its training and held-out text.
+
+    Both rows use the *same* weights (the end of the run) and the same number of fixed random
+    windows (``n_batches`` batches of the validation batch size), one set drawn from the training
+    text and one from the held-out text (``labkit.data``: the corpus's last 10 %). ``loss`` is
+    the mean next-token cross-entropy; ``char_entropy`` the entropy of the text's character
+    frequencies (nats), a model-free measure of how predictable its characters are; ``topics``
+    the first and last pydoc topic each part covers (the corpus is the topics in alphabetical
+    order). A held-out loss below the training loss with the same weights says the held-out text
+    is easier, not that the model generalises better than it fits.
+    """
+    from labkit.data import global_batch, load_corpus
+    from labkit.model import lm_loss_sum
+    from labkit.train import VAL_BATCH_SIZE, build_model
+
+    cfg = result.config
+    corpus = load_corpus(cfg.corpus)
+    model = build_model(cfg)
+    model.load_state_dict(result.state_dict())
+    model.eval()
+    n_train = len(corpus.train)
+    parts = {
+        "training text": (corpus.train, 0, n_train),
+        "held-out text": (corpus.val, n_train, n_train + len(corpus.val)),
+    }
+    rows = {}
+    for label, (tokens, start, stop) in parts.items():
+        total, count = 0.0, 0
+        for i in range(n_batches):
+            x, y = global_batch(
+                tokens,
+                seed=cfg.seed,
+                step=i,
+                batch_size=VAL_BATCH_SIZE,
+                block_size=model.cfg.block_size,
+                stream=1,  # the validation stream: windows the training steps did not draw
+            )
+            total += float(lm_loss_sum(model(x), y))
+            count += y.numel()
+        freq = torch.bincount(tokens, minlength=corpus.vocab_size).double()
+        freq = freq[freq > 0] / freq.sum()
+        rows[label] = {
+            "topics": _topic_span(cfg.corpus, start, stop),
+            "characters": len(tokens),
+            "char_entropy": float(-(freq * freq.log()).sum()),
+            "loss": total / count,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")

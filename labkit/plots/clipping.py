@@ -2,6 +2,7 @@
 
 * ``plot_module_norms``: one bar per module, the gradient norm of one backward pass (log scale).
 * ``plot_runs``: loss and gradient norm (before and after clipping) of several runs, side by side.
+* ``plot_adam_replay``: norms replayed through AdamW: what it received, its step, its second moment.
 * ``plot_layer_norm_heatmap``: per-module gradient norms, modules x steps (log colour scale).
 * ``plot_clip_direction_2d``: a 2-D gradient clipped by norm and by value, as arrows.
 * ``plot_norm_vs_value``: per-module norms after norm and value clipping of the same gradients.
@@ -27,6 +28,7 @@ from labkit.plots.common import new_figure
 from labkit.plots.training import draw_grad_norm, log_if_wide, rank0
 
 __all__ = [
+    "plot_adam_replay",
     "plot_clip_direction_2d",
     "plot_clipping_run",
     "plot_layer_norm_heatmap",
@@ -65,17 +67,35 @@ def _full_step_range(ax: Axes, runs: Mapping[str, Any]) -> None:
     ax.set_xlim(float(steps.min()) - 0.5, float(steps.max()) + 0.5)
 
 
-def _draw_loss(ax: Axes, runs: Mapping[str, Any]) -> None:
+SCALES = ("auto", "linear", "log")
+
+
+def _set_scale(ax: Axes, scale: str, values: np.ndarray) -> None:
+    """``auto``: log when the values span orders of magnitude (``log_if_wide``); else as named."""
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is invalid: allowed: {', '.join(map(repr, SCALES))}")
+    if scale == "auto":
+        log_if_wide(ax, values)
+    else:
+        ax.set_yscale(scale)
+
+
+def _draw_loss(
+    ax: Axes, runs: Mapping[str, Any], scale: str = "auto", validation: bool = False
+) -> None:
     for i, (label, run) in enumerate(runs.items()):
         m = rank0(run)
         color = f"C{i}"
         ax.plot(m["step"], m["loss"], color=color, label=label)
+        if validation and "val_loss" in m:
+            val = m.dropna(subset=["val_loss"])
+            ax.plot(val["step"], val["val_loss"], "o", color=color, label=f"{label}: validation")
         # A diverged loss turns into nan/inf, which a plot silently leaves out: mark where.
         bad = first_nonfinite_step(m)
         if bad is not None:
             ax.axvline(bad, color=color, linestyle=":", label=f"{label}: nan/inf from step {bad}")
     losses = pd.concat([rank0(run)["loss"] for run in runs.values()])
-    log_if_wide(ax, losses.to_numpy(dtype=float))
+    _set_scale(ax, scale, losses.to_numpy(dtype=float))
     _full_step_range(ax, runs)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -83,21 +103,30 @@ def _draw_loss(ax: Axes, runs: Mapping[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
-def _draw_norms(ax: Axes, runs: Mapping[str, Any]) -> None:
-    draw_grad_norm(ax, runs)
+def _draw_norms(ax: Axes, runs: Mapping[str, Any], scale: str = "auto") -> None:
+    draw_grad_norm(ax, runs)  # log when the norms span orders of magnitude
+    if scale != "auto":
+        _set_scale(ax, scale, np.array([]))
     _full_step_range(ax, runs)
 
 
-def plot_runs(runs: Mapping[str, Any], title: str | None = None) -> Figure:
+def plot_runs(
+    runs: Mapping[str, Any],
+    title: str | None = None,
+    scale: str = "auto",
+    validation: bool = False,
+) -> Figure:
     """Loss (left) and global gradient norm before/after clipping (right) of labelled runs.
 
-    Axes switch to a log scale when the values span orders of magnitude (a divergence).
-    ``runs`` maps a label to a RunResult, a ToyRun or a metrics DataFrame. A run whose loss
-    became nan/inf gets a dotted vertical line at the step where it did.
+    ``scale="auto"`` switches an axis to a log scale when its values span orders of magnitude
+    (a divergence), which also squeezes runs that stayed close together into one line; pass
+    ``scale="linear"`` (or ``"log"``) to fix both axes. ``validation=True`` adds each run's
+    validation losses as dots. ``runs`` maps a label to a RunResult, a ToyRun or a metrics
+    DataFrame. A run whose loss became nan/inf gets a dotted vertical line at the step where it did.
     """
     fig, (ax_loss, ax_norm) = new_figure(ncols=2)
-    _draw_loss(ax_loss, runs)
-    _draw_norms(ax_norm, runs)
+    _draw_loss(ax_loss, runs, scale=scale, validation=validation)
+    _draw_norms(ax_norm, runs, scale=scale)
     if title:
         fig.suptitle(title)
     return fig
@@ -269,4 +298,36 @@ def plot_spike(table: pd.DataFrame, max_norm: float, spike_at: int | None = None
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="upper right")
     axes[0].set_ylabel("global gradient 2-norm")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW: the step per coordinate and the second moment
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_adam_replay(replays: Mapping[str, pd.DataFrame], spike_at: int | None = None) -> Figure:
+    """Three panels over ``adam_replay`` tables, one line per label: the norm AdamW received
+    (after clipping), its step per coordinate in units of lr, and its second moment ``sqrt(v)``.
+    """
+    fig, axes = new_figure(ncols=3, width=4.2, height=3.2)
+    panels = [
+        ("grad_norm", "gradient norm AdamW received", "Gradient (after clipping)"),
+        ("step_over_lr", "step per coordinate / lr", "AdamW's step"),
+        ("sqrt_v", "sqrt(v): the size AdamW divides by", "Second-moment estimate"),
+    ]
+    for ax, (column, ylabel, title) in zip(axes, panels, strict=True):
+        for i, (label, table) in enumerate(replays.items()):
+            ax.plot(table["step"], table[column], color=f"C{i % 10}", label=label)
+        if column == "step_over_lr":
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="lr")
+            ax.set_ylim(0, 1.25)
+        else:
+            ax.set_ylim(bottom=0)
+        if spike_at is not None:
+            ax.axvline(spike_at, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
     return fig
