@@ -2,7 +2,11 @@
 
 import torch
 
-from labkit.exercises.data_parallel import check_batch_sharding, reference_shard_rows
+from labkit.exercises.data_parallel import (
+    check_batch_sharding,
+    reference_shard_rows,
+    show_sharding,
+)
 from labkit.exercises.pipeline import check_one_f_one_b, reference_one_f_one_b
 from labkit.exercises.tensor_parallel import check_row_parallel, reference_row_parallel
 from labkit.parallel.pipeline import gpipe_order
@@ -26,6 +30,21 @@ def test_batch_sharding_checker():
     assert "not in order" in check_batch_sharding(strided)
     assert "differ by more than one" in check_batch_sharding(last_takes_rest)
     assert "raised" in check_batch_sharding(lambda n, r, w: 1 / 0)
+
+
+def test_show_sharding_names_each_ranks_rows_and_the_lost_ones():
+    """Notebook 03's batch of 7 on 2 ranks: 4 + 3 rows, or row 6 lost by n // world_size."""
+    assert show_sharding(reference_shard_rows, 7, 2).splitlines() == [
+        "7 rows on 2 ranks:",
+        "  rank 0: rows [0, 1, 2, 3] (4 rows)",
+        "  rank 1: rows [4, 5, 6] (3 rows)",
+    ]
+    drops = show_sharding(lambda n, r, w: slice(r * (n // w), (r + 1) * (n // w)), 7, 2)
+    assert drops.splitlines()[-1] == "  on no rank: rows [6]"
+    assert "on more than one rank: rows [0, 1, 2]" in show_sharding(
+        lambda n, r, w: slice(0, n), 3, 2
+    )
+    assert "raised ZeroDivisionError" in show_sharding(lambda n, r, w: 1 / 0, 3, 2)
 
 
 def test_one_f_one_b_checker():

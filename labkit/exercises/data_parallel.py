@@ -8,6 +8,8 @@ are exactly the global batch: no row lost, none seen twice, the same order. The 
 
 and runs ``print(check_batch_sharding(my_shard))``. The checker tries many (rows, ranks)
 combinations, uneven ones included, and explains the first thing that is off. It never raises.
+``show_sharding(my_shard, 7, 2)`` prints the rows each rank takes from one batch, for a look
+before (or after) the checker.
 
 ``reference_shard_rows`` is the solution (for facilitators): the one labkit itself uses.
 """
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from labkit.data import shard_rows as reference_shard_rows
 
-__all__ = ["check_batch_sharding", "reference_shard_rows"]
+__all__ = ["check_batch_sharding", "reference_shard_rows", "show_sharding"]
 
 CASES = [(8, 2), (7, 2), (10, 3), (3, 3), (5, 4), (1, 1), (13, 5)]
 
@@ -33,6 +35,29 @@ def _rows(fn: Callable[[int, int, int], object], n: int, world: int) -> list[lis
         else:
             out.append([int(i) for i in taken])  # type: ignore[union-attr]
     return out
+
+
+def show_sharding(fn: Callable[[int, int, int], object], n_rows: int, world_size: int) -> str:
+    """The rows each rank takes from a batch of ``n_rows`` under ``fn``, one line per rank.
+
+    Rows that no rank takes, and rows that several ranks take, get a last line of their own.
+    Never raises: an error in ``fn`` becomes the answer.
+    """
+    try:
+        shards = _rows(fn, n_rows, world_size)
+    except Exception as err:  # noqa: BLE001 (the message is the feedback)
+        return f"your function raised {type(err).__name__}: {err}"
+    lines = [f"{n_rows} rows on {world_size} ranks:"]
+    for rank, shard in enumerate(shards):
+        lines.append(f"  rank {rank}: rows {shard} ({len(shard)} rows)")
+    taken = [i for shard in shards for i in shard]
+    missing = sorted(set(range(n_rows)) - set(taken))
+    twice = sorted({i for i in taken if taken.count(i) > 1})
+    if missing:
+        lines.append(f"  on no rank: rows {missing}")
+    if twice:
+        lines.append(f"  on more than one rank: rows {twice}")
+    return "\n".join(lines)
 
 
 def check_batch_sharding(fn: Callable[[int, int, int], object]) -> str:
