@@ -18,7 +18,7 @@ from typing import Any
 from labkit import config as C
 from labkit.config import TrainConfig
 
-BENCHMARKS = ("peak", "clip", "dp", "pp", "tp", "mesh", "start")
+BENCHMARKS = ("peak", "clip", "dp", "pp", "tp", "mesh", "start", "plan")
 
 
 class _Parser(argparse.ArgumentParser):

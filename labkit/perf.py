@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, str | int]:
@@ -71,3 +77,65 @@ def peak_matmul_flops(
 def mfu(achieved_flops_per_s: float, peak_flops_per_s: float) -> float:
     """Model FLOP utilisation: the fraction of the measured ceiling a run achieved."""
     return achieved_flops_per_s / peak_flops_per_s
+
+
+# Collectives: timing one the way nccl-tests does (labkit.lessons.collectives, labkit.plan).
+
+
+def bus_bandwidth(algbw: float, world_size: int) -> float:
+    """nccl-tests' bus bandwidth of an all-reduce: ``algbw * 2 (n - 1) / n``.
+
+    Each rank of a ring sends (and receives) ``2 (n - 1) / n`` bytes per byte of the tensor, so
+    this is the speed the links actually ran at, comparable across world sizes.
+    """
+    return algbw * 2 * (world_size - 1) / world_size
+
+
+def collective_device(group: ProcessGroup | None) -> torch.device:
+    """Where a collective's tensors must live: CUDA for NCCL, CPU for Gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def time_per_call(
+    fn: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    iters: int,
+    warmup: int,
+    group: ProcessGroup | None,
+) -> float:
+    """Seconds per call of ``fn(x)``: the slowest rank's mean, identical on every rank."""
+    for _ in range(warmup):
+        fn(x)
+    dist.barrier(group=group)  # everyone starts the clock together
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
+    # A collective is as slow as its slowest participant.
+    elapsed = elapsed.to(x.device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+    return float(elapsed)
+
+
+def allreduce_times(
+    sizes_bytes: Sequence[int], iters: int = 10, group: ProcessGroup | None = None, warmup: int = 2
+) -> list[dict[str, Any]]:
+    """Seconds per ``dist.all_reduce`` of float32 zeros of each size (slowest rank's mean).
+
+    Call it on every rank of ``group``. One row per size: ``size_bytes``, ``world_size``,
+    ``time_s``.
+    """
+    n = dist.get_world_size(group)
+    device = collective_device(group)
+    rows = []
+    for size in sizes_bytes:
+        x = torch.zeros(max(1, int(size) // 4), device=device)
+        seconds = time_per_call(lambda t: dist.all_reduce(t, group=group), x, iters, warmup, group)
+        rows.append({"size_bytes": x.numel() * 4, "world_size": n, "time_s": seconds})
+    return rows

@@ -20,13 +20,13 @@ rebuilds it from point-to-point messages, the way NCCL and Gloo do for large ten
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from labkit.perf import bus_bandwidth, collective_device, time_per_call
 from labkit.supervisor import spawn
 
 if TYPE_CHECKING:
@@ -109,47 +109,6 @@ def ring_all_reduce(tensor: torch.Tensor, group: ProcessGroup | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def bus_bandwidth(algbw: float, world_size: int) -> float:
-    """nccl-tests' bus bandwidth of an all-reduce: ``algbw * 2 (n - 1) / n``.
-
-    Each rank of a ring sends (and receives) ``2 (n - 1) / n`` bytes per byte of the tensor, so
-    this is the speed the links actually ran at, comparable across world sizes.
-    """
-    return algbw * 2 * (world_size - 1) / world_size
-
-
-def _collective_device(group: ProcessGroup | None) -> torch.device:
-    # NCCL reduces CUDA tensors only; Gloo reduces CPU tensors.
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _time_per_call(
-    fn: Callable[[torch.Tensor], Any],
-    x: torch.Tensor,
-    iters: int,
-    warmup: int,
-    group: ProcessGroup | None,
-) -> float:
-    """Seconds per call of ``fn(x)``: the slowest rank's mean, identical on every rank."""
-    for _ in range(warmup):
-        fn(x)
-    dist.barrier(group=group)  # everyone starts the clock together
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
-    # A collective is as slow as its slowest participant.
-    elapsed = elapsed.to(x.device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-    return float(elapsed)
-
-
 def allreduce_benchmark(
     sizes_bytes: Sequence[int],
     iters: int = 10,
@@ -165,7 +124,7 @@ def allreduce_benchmark(
     """
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    device = _collective_device(group)
+    device = collective_device(group)
     algorithms: list[tuple[str, Callable[[torch.Tensor], Any]]] = [
         ("torch all_reduce", lambda t: dist.all_reduce(t, group=group)),
         ("ring (send/recv)", lambda t: ring_all_reduce(t, group=group)),
@@ -183,7 +142,7 @@ def allreduce_benchmark(
         # Zeros for timing: repeated sums of zeros stay zeros (no overflow, no denormals).
         x = torch.zeros(numel, device=device)
         for name, fn in algorithms:
-            seconds = _time_per_call(fn, x, iters, warmup, group)
+            seconds = time_per_call(fn, x, iters, warmup, group)
             algbw = numel * 4 / seconds / 1e9
             rows.append(
                 {
