@@ -57,8 +57,8 @@ class Calibration:
     half_rate_width: float  # d_half
     overhead_s: float  # per layer and micro-batch
     collectives: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # Seconds each synchronisation point of a training step costs beyond the benchmark's
-    # alpha (processes sharing cores arrive at it at different times), per world size.
+    # Seconds a collective costs inside a training step beyond the benchmark's back-to-back
+    # alpha (processes that share cores reach it at different times), per world size.
     sync_s: dict[int, float] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)  # the one-process measurements
     allreduce: list[dict[str, Any]] = field(default_factory=list)
@@ -137,13 +137,33 @@ def _allreduce_rows(world_sizes: Sequence[int]) -> list[dict]:
     return rows
 
 
-# The runs the in-step cost of a collective is fitted on (nano: not a validation model).
-SYNC_MESHES = ({"dp_impl": "naive"}, {"dp_impl": "bucketed"})
+# The runs the in-step cost of a collective is fitted on: nano (not a validation model), one
+# mesh of each kind per world size.
+SYNC_MESHES: dict[int, list[dict[str, Any]]] = {
+    2: [
+        {"dp": 2, "dp_impl": "naive"},
+        {"dp": 2, "dp_impl": "bucketed"},
+        {"pp": 2, "micro_batches": 2},
+        {"tp": 2},
+    ],
+    4: [
+        {"dp": 4, "dp_impl": "naive"},
+        {"dp": 4, "dp_impl": "bucketed"},
+        {"pp": 4, "micro_batches": 4},
+        {"dp": 2, "tp": 2},
+    ],
+    8: [
+        {"dp": 8, "dp_impl": "naive"},
+        {"dp": 8, "dp_impl": "bucketed"},
+        {"dp": 2, "pp": 2, "tp": 2, "micro_batches": 2},
+    ],
+}
 
 
 def _cluster(c: Calibration, n: int, sync: float | None = None) -> Cluster:
     """The cluster a calibration describes, for ``n`` ranks (``sync`` overrides the fit)."""
     cores = os.cpu_count() or 1
+    extra = c.sync_s.get(n, 0.0) if sync is None else sync
     card = Card(
         name=f"this CPU ({c.threads} thread{'s' * (c.threads > 1)} per rank)",
         peak_flops={"fp32": c.ceiling_flops, "bf16": c.ceiling_flops},
@@ -160,28 +180,27 @@ def _cluster(c: Calibration, n: int, sync: float | None = None) -> Cluster:
         n,
         gpus_per_node=n,
         shared_cores=cores,
-        collectives=dict(c.collectives),
-        sync_s=c.sync_s.get(n, 0.0) if sync is None else sync,
+        collectives={size: (a + extra, b) for size, (a, b) in c.collectives.items()},
         name=f"this machine: {n} process(es) on {cores} cores, Gloo",
     )
 
 
 def _fit_sync(c: Calibration, n: int) -> float:
-    """The cost of a synchronisation point on ``n`` processes, fitted on nano runs against the
-    model without it: the model's sync count is the derivative of its step in ``sync_s``."""
+    """What a collective costs inside a training step on ``n`` processes beyond the benchmark's
+    back-to-back alpha, fitted on nano runs of every kind (a relative least-squares fit; the
+    model's count of collectives is the derivative of its step in the extra)."""
     from labkit.launch import run_many
     from labkit.plan.predict import predict
 
-    meshes = [{"dp": n, **m} for m in SYNC_MESHES] + ([{"tp": 2}] if n == 2 else [])
-    configs = [TrainConfig(**{**PLAN_RUN, "model": "nano", **mesh}) for mesh in meshes]
+    configs = [TrainConfig(**{**PLAN_RUN, "model": "nano", **mesh}) for mesh in SYNC_MESHES[n]]
     num = den = 0.0
     for cfg, result in zip(configs, run_many(configs, progress=False), strict=True):
         steady = result.metrics[result.metrics["step"] >= 2]
         measured = float(steady.groupby("rank")["step_time_s"].median().max())
         base = predict(cfg, _cluster(c, n, 0.0)).step_time_s
-        points = (predict(cfg, _cluster(c, n, 1e-3)).step_time_s - base) / 1e-3
-        num += points * (measured - base)
-        den += points * points
+        calls = (predict(cfg, _cluster(c, n, 1e-3)).step_time_s - base) / 1e-3
+        num += calls * (measured - base) / measured**2
+        den += calls * calls / measured**2
     return max(0.0, num / den) if den else 0.0
 
 
@@ -216,7 +235,7 @@ def calibrate(
         steps=steps,
         allreduce=allreduce,
     )
-    sync = {n: _fit_sync(c, n) for n in c.collectives}
+    sync = {n: _fit_sync(c, n) for n in c.collectives if n in SYNC_MESHES}
     return replace(c, sync_s=sync)
 
 

@@ -134,8 +134,6 @@ class Cluster:
     their compute cannot run side by side beyond the cores (``local_cluster`` sets it; real
     clusters leave it None). ``collectives`` optionally holds measured ``(alpha, beta)`` per
     group size, fitted from labkit's collective benchmark, which then replace the links' values.
-    ``sync_s``: what each point where the ranks must meet (a collective after compute) costs on
-    top, measured here because processes that share cores reach it at different times.
     """
 
     card: Card
@@ -145,7 +143,6 @@ class Cluster:
     inter: Link = field(default_factory=lambda: LINKS["ib-ndr"])
     shared_cores: int | None = None
     collectives: dict[int, tuple[float, float]] = field(default_factory=dict)
-    sync_s: float = 0.0
     name: str = ""
 
     def __post_init__(self) -> None:

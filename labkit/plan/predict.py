@@ -123,21 +123,25 @@ def _dp_comm(w: Workload, stage: Stage, cluster: Cluster, backward_s: float) -> 
         return messages * collective_time(kind, nbytes / messages, n, cluster, stride)
 
     tensors = stage.blocks * m.block_tensors() + 2 * stage.embed + 2 * stage.head
-    modules = stage.blocks + stage.embed + stage.head
+    # ZeRO-3 (labkit's) gathers every module that owns parameters; FSDP2 each block and the
+    # root (the embedding and head together).
+    if w.dp_impl == "zero3":
+        modules = stage.blocks * m.block_modules() + 2 * stage.embed + 2 * stage.head
+    else:
+        modules = stage.blocks + 1
     buckets = max(1, math.ceil(grads / (w.bucket_mb * 2**20)))
     impl = w.dp_impl
-    sync = cluster.sync_s
-    if impl == "naive":  # one sync point: the all-reduces follow each other after backward
-        return ring("all_reduce", grads, tensors) + sync
+    if impl == "naive":
+        return ring("all_reduce", grads, tensors)
     if impl in ("bucketed", "ddp", "zero1"):
         total = ring("all_reduce", grads, buckets)
         if cluster.shared_cores is None:  # a GPU overlaps buckets with backward
             total = max(total / buckets, total - backward_s)
         if impl == "zero1":  # then every rank's updated shard goes to the others
-            total += ring("all_gather", 4 * params, 1) + sync
-        return total + sync
+            total += ring("all_gather", 4 * params, 1)
+        return total
     if impl == "zero2":
-        return ring("reduce_scatter", grads, buckets) + ring("all_gather", 4 * params, 1) + 2 * sync
+        return ring("reduce_scatter", grads, buckets) + ring("all_gather", 4 * params, 1)
     # ZeRO-3 and FSDP: gather each module's weights for forward and again for backward, and
     # reduce-scatter its gradients; FSDP prefetches the next module's while this one computes.
     per_step = w.grad_accum_steps * w.micro_batches
@@ -145,7 +149,7 @@ def _dp_comm(w: Workload, stage: Stage, cluster: Cluster, backward_s: float) -> 
     total = gathers + ring("reduce_scatter", grads, modules)
     if impl == "fsdp" and cluster.shared_cores is None:
         total = max(total / modules, total - per_step * 1.5 * backward_s)
-    return total + (2 * per_step + 1) * modules * sync
+    return total
 
 
 def _model_comm(w: Workload, stage: Stage, cluster: Cluster) -> dict[str, float]:
@@ -155,18 +159,16 @@ def _model_comm(w: Workload, stage: Stage, cluster: Cluster) -> dict[str, float]
     a = 2 if w.precision != "fp32" else 4
     activation = w.micro_batch_size * m.seq_len / w.cp * m.d_model * a
     out = {"tp": 0.0, "pp": 0.0, "cp": 0.0}
-    sync = cluster.sync_s  # each of these follows compute: a point where the ranks meet
     if w.tp > 1:  # 2 all-reduces forward, 2 backward per block (one more pair per recompute)
         per_block = 4 + 2 * (w.recompute == "full")
         ar = collective_time("all_reduce", activation, w.tp, cluster, 1)
-        out["tp"] = micro * stage.blocks * per_block * (ar + sync)
+        out["tp"] = micro * stage.blocks * per_block * ar
     if w.pp > 1:  # a send forward and one backward per micro-batch, plus the fill and drain
         send = collective_time("send", activation, 2, cluster, w.dp * w.cp * w.tp)
-        out["pp"] = 2 * (micro + (w.pp - 1) * w.grad_accum_steps) * (send + sync)
-    if w.cp > 1:  # 6 cp - 4 key/value blocks per layer and micro-batch, in 2 cp - 1 ring steps
+        out["pp"] = 2 * (micro + (w.pp - 1) * w.grad_accum_steps) * send
+    if w.cp > 1:  # 6 cp - 4 key/value blocks per layer and micro-batch, one send each
         send = collective_time("send", activation * m.kv_dim / m.d_model, 2, cluster, w.tp)
-        steps = micro * stage.blocks * (2 * w.cp - 1)
-        out["cp"] = micro * stage.blocks * (6 * w.cp - 4) * send + steps * sync
+        out["cp"] = micro * stage.blocks * (6 * w.cp - 4) * send
     return out
 
 
@@ -177,9 +179,7 @@ def _bookkeeping(w: Workload, cluster: Cluster) -> float:
     clip_group = w.pp * w.tp * (w.dp if sharded else 1)
     seconds = 2 * collective_time("all_reduce", 8, clip_group, cluster, 1)
     seconds += collective_time("all_reduce", 4, w.dp * w.cp, cluster, w.tp)
-    seconds += collective_time("broadcast", 4, w.pp, cluster, w.dp * w.cp * w.tp)
-    meets = (clip_group > 1) + (w.dp * w.cp * w.pp > 1)  # after backward; after the optimizer
-    return seconds + meets * cluster.sync_s
+    return seconds + collective_time("broadcast", 4, w.pp, cluster, w.dp * w.cp * w.tp)
 
 
 def predict(config: TrainConfig | Mapping[str, Any] | Workload, cluster: Cluster) -> Prediction:

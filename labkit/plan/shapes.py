@@ -66,6 +66,10 @@ class ModelShape:
         """Parameter tensors of one block (the naive all-reduce sends one message each)."""
         return 9 if self.gated else 15
 
+    def block_modules(self) -> int:
+        """Modules of one block that own parameters (the units labkit's ZeRO-3 gathers)."""
+        return 9 if self.gated else 8  # q, k, v, output, 2 (3) MLP matrices, 2 norms
+
     def embed_params(self) -> int:
         """The token table, and the position table when positions are learned."""
         return self.vocab_size * self.d_model + self.learned_positions * self.seq_len * self.d_model

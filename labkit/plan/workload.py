@@ -105,8 +105,8 @@ def _check(w: Workload) -> Workload:
         )
     if m.n_head % w.tp or (m.n_kv_head or m.n_head) % w.tp:
         _fail("tp", w.tp, f"must divide the {m.name}'s attention heads ({m.n_head})")
-    if m.n_layer < w.pp * w.pp_virtual_stages:
-        _fail("pp", w.pp, f"{m.name} has {m.n_layer} blocks, fewer than pp x virtual stages")
+    if m.n_layer + 2 < w.pp * w.pp_virtual_stages:  # stages cut embedding, blocks and head
+        _fail("pp", w.pp, f"{m.name} has {m.n_layer + 2} layers, fewer than pp x virtual stages")
     if w.cp > 1 and m.seq_len % (2 * w.cp):
         _fail("cp", w.cp, f"the sequence ({m.seq_len}) must divide into 2 x cp pieces")
     return w
