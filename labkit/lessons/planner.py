@@ -156,10 +156,10 @@ def error_summary(table: pd.DataFrame) -> pd.DataFrame:
             {
                 "model": name,
                 "runs": len(part),
-                "step: median |error|": part["step_error"].abs().median(),
-                "step: worst |error|": part["step_error"].abs().max(),
-                "memory: median |error|": part["memory_error"].abs().median(),
-                "memory: worst |error|": part["memory_error"].abs().max(),
+                "step: median abs. error": part["step_error"].abs().median(),
+                "step: worst abs. error": part["step_error"].abs().max(),
+                "memory: median abs. error": part["memory_error"].abs().median(),
+                "memory: worst abs. error": part["memory_error"].abs().max(),
             }
         )
     return pd.DataFrame(rows).set_index("model")
