@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import types
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -173,6 +175,23 @@ def _collective_device(group: ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
+# Who wants to know when the global norm's all-reduce ran (the trainer's timeline): callbacks
+# taking (start, end) perf_counter seconds. Empty outside ``norm_collectives``.
+_NORM_LISTENERS: list[Callable[[float, float], None]] = []
+
+
+@contextmanager
+def norm_collectives(callback: Callable[[float, float], None]) -> Iterator[None]:
+    """Within the block, call ``callback(start, end)`` (``time.perf_counter`` seconds) around
+    each all-reduce that combines gradient norms across ranks: the wait a clipping step spends
+    on the other ranks, which a timeline should draw as waiting, not work."""
+    _NORM_LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _NORM_LISTENERS.remove(callback)
+
+
 def _combine_across_ranks(
     local: Tensor | None, norm_type: float, groups: list[ProcessGroup]
 ) -> Tensor:
@@ -196,9 +215,14 @@ def _combine_across_ranks(
         contribution = local.double() ** norm_type if local is not None else 0.0
 
     value = torch.as_tensor(contribution, dtype=torch.float64)
+    start = time.perf_counter()
     for g in groups:
         value = value.to(_collective_device(g))
         dist.all_reduce(value, op=op, group=g)
+    if groups:
+        end = time.perf_counter()
+        for listener in _NORM_LISTENERS:
+            listener(start, end)
     if math.isfinite(norm_type) and norm_type != 0:
         value = value ** (1.0 / norm_type)
     if local is None:

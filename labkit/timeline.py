@@ -15,8 +15,10 @@ from contextlib import contextmanager
 
 COLUMNS = ("rank", "step", "micro_batch", "phase", "start_s", "end_s")
 # Phases that move data between ranks; the rest is computation.
+# "norm_allreduce" is clipping's all-reduce of the gradient norm, inside the optimizer span.
 COMM_PHASES = frozenset(
     {"send", "recv", "allreduce", "allgather", "reduce_scatter", "broadcast", "wait"}
+    | {"norm_allreduce"}
 )
 
 

@@ -374,3 +374,22 @@ def test_measured_bubble_of_a_balanced_pipeline_is_close_to_theory():
     bubble = bubble_fraction(run.timeline)
     assert bubble["theory"].tolist() == pytest.approx([0.2, 0.2])
     assert abs(bubble["bubble"].mean() - 0.2) <= BUBBLE_TOLERANCE, bubble
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_the_clip_norms_all_reduce_is_drawn_as_waiting_inside_the_optimizer(runs):
+    """Every stage records its wait for the global norm, within its optimizer span, as a
+    communication phase (so the Gantt chart draws it as waiting, not as optimizer work)."""
+    from labkit.timeline import COMM_PHASES
+
+    tl = runs["gpipe"].timeline
+    assert "norm_allreduce" in COMM_PHASES
+    for (rank, step), part in tl.groupby(["rank", "step"]):
+        norm = part[part["phase"] == "norm_allreduce"]
+        opt = part[part["phase"] == "optimizer"]
+        # Two: the norm clipping scales by, and the clipped norm the metrics report.
+        assert len(norm) == 2 and len(opt) == 1, (rank, step)
+        assert opt["start_s"].iloc[0] <= norm["start_s"].min()
+        assert norm["end_s"].max() <= opt["end_s"].iloc[0]
+    assert runs["single"].timeline.query("phase == 'norm_allreduce'").empty  # nothing to wait for

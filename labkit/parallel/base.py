@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.clip import GradPieces, global_grad_norm, per_layer_grad_norms
+from labkit.clip import GradPieces, global_grad_norm, norm_collectives, per_layer_grad_norms
 from labkit.data import shard_rows
 from labkit.memory import SavedTensorMeter, state_bytes, storage_bytes, storage_ids
 from labkit.model import GPT, lm_loss_sum
@@ -262,11 +262,19 @@ class Strategy:
         ``clipper`` is a ``labkit.clip.make_clipper`` object; ``clip_group`` spans the mesh
         dimensions over which ranks hold disjoint pieces (pp stages, tp slices, dp shards).
         """
-        return clipper(self._grad_pieces(), group=self.clip_group)
+        with norm_collectives(self._on_norm_comm):
+            return clipper(self._grad_pieces(), group=self.clip_group)
+
+    def _on_norm_comm(self, start: float, end: float) -> None:
+        """The clip norm's all-reduce: the optimizer span's wait for the other ranks."""
+        if self._recording:
+            t0 = self.timeline.t0
+            self.timeline.add("norm_allreduce", self._step, -1, start - t0, end - t0)
 
     def grad_norm(self) -> torch.Tensor:
         """The global 2-norm of the current gradients (after clipping, for the metrics)."""
-        return global_grad_norm(self._grad_pieces(), group=self.clip_group)
+        with norm_collectives(self._on_norm_comm):
+            return global_grad_norm(self._grad_pieces(), group=self.clip_group)
 
     def reduce_loss(self, local_loss_sum: torch.Tensor) -> float:
         """The global batch's summed loss (identical on every rank).

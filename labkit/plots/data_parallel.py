@@ -50,6 +50,7 @@ PHASE_COLORS = {
     "send": "C5",
     "recv": "C8",
     "wait": "C7",
+    "norm_allreduce": "0.5",
 }
 MB = 1 << 20
 

@@ -47,6 +47,7 @@ PHASE_STYLE: dict[str, tuple[str, str, bool]] = {
     "send": ("C3", "send / wait for sends", False),
     "wait": ("C3", "send / wait for sends", False),
     "optimizer": ("C2", "clip + optimizer step", True),
+    "norm_allreduce": ("0.6", "waiting for the clip norm's all-reduce", True),
 }
 SCHEDULE_NAMES = {
     "naive": "naive",
@@ -94,7 +95,8 @@ def draw_gantt(
     Times are shown from the step's first event, multiplied by ``scale`` (1e3: milliseconds).
     Forward and backward bars carry their micro-batch number when they are wide enough. The
     optimizer bar includes clipping, whose global gradient norm is an all-reduce over the stages:
-    a stage that finishes its backward early waits there for the others.
+    a stage that finishes its backward early waits there for the others, drawn in grey over the
+    optimizer bar (``norm_allreduce``), as waiting rather than work.
     """
     if timeline.empty:
         ax.text(0.5, 0.5, "no timeline recorded", ha="center", va="center", transform=ax.transAxes)
