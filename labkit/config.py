@@ -167,6 +167,9 @@ class TrainConfig:
     # "kill:RANK:STEP" stop a rank; "overflow:0:STEP" makes every rank's gradients infinite at
     # STEP after the sync, as an fp16 overflow would (the step is then skipped and counted).
     fault: str | None = None
+    # A seeded bug of the bug zoo (labkit.bugs.BUGS: "A" ... "D"), for the detective lesson;
+    # None (the default) runs labkit as it should.
+    bug: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise a few convenient spellings (frozen: object.__setattr__ is the only way in).
@@ -317,6 +320,7 @@ class TrainConfig:
         if not all(isinstance(f, str) and f for f in self.freeze):
             _fail("freeze", self.freeze, "must be parameter-name prefixes (non-empty strings)")
         self._validate_fault()
+        self._validate_bug()
         self._validate_parallel()
         self._validate_schedule()
 
@@ -378,6 +382,27 @@ class TrainConfig:
         value = getattr(self, name)
         if not _is_number(value) or value <= 0:
             _fail(name, value, "must be a finite number > 0")
+
+    def _validate_bug(self) -> None:
+        """A seeded bug must name one of the zoo, on a mesh where it can show."""
+        if self.bug is None:
+            return
+        from labkit.bugs import BUGS
+
+        if self.bug not in BUGS:
+            _fail("bug", self.bug, f"allowed: {', '.join(BUGS)} (labkit.bugs), or None")
+        needs = BUGS[self.bug].needs
+        if needs == "pp" and self.pp < 2:
+            _fail("bug", self.bug, "this bug lives in the pipeline: set pp >= 2")
+        if needs == "tp" and self.tp < 2:
+            _fail("bug", self.bug, "this bug lives in tensor parallelism: set tp >= 2")
+        if needs == "ddp-accum" and (self.dp_impl != "ddp" or self.grad_accum_steps < 2):
+            _fail(
+                "bug",
+                self.bug,
+                "this bug lives in DDP's gradient accumulation: set dp >= 2, dp_impl='ddp' "
+                "and grad_accum_steps >= 2",
+            )
 
     def _validate_fault(self) -> None:
         if self.fault is None:

@@ -102,7 +102,10 @@ class Strategy:
         self.module = model.to(ctx.device)
         self.model: nn.Module = self.module
         self.setup()
-        self.clip_group: Any = self.mesh.group("pp", "tp", *(("dp",) if self.grads_sharded else ()))
+        clip_dims = ("pp", "tp", *(("dp",) if self.grads_sharded else ()))
+        if cfg.bug == "A":  # seeded: the clip norm is not combined across pipeline stages
+            clip_dims = clip_dims[1:]
+        self.clip_group: Any = self.mesh.group(*clip_dims)
         if self.pipe is not None:
             self.pipe.start()
 
@@ -198,17 +201,24 @@ class Strategy:
         pipeline, its schedule runs the micro-batches instead (same scaling, same rule).
         """
         self._step = step
+        bug = self.cfg.bug  # the bug zoo (labkit.bugs): None unless a facilitator seeds one
         if self.pipe is not None:
-            return self.pipe.forward_backward(micro_batches, self.sync_size / n_tokens, step)
+            scale = self.sync_size / n_tokens
+            if bug == "B":  # seeded: the loss divided by the micro-batch count a second time
+                scale /= self.cfg.micro_batches
+            return self.pipe.forward_backward(micro_batches, scale, step)
         total = torch.zeros((), device=self.ctx.device)
         scale = self.sync_size / n_tokens
         for i, (x, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else self.no_sync():
+            hold = not last and bug != "D"  # seeded D: accumulation without no_sync()
+            with self.no_sync() if hold else nullcontext():
                 with self.timeline.span("forward", step, i), self.autocast():
                     loss_sum = lm_loss_sum(self.model(x), y)
                 with self.timeline.span("backward", step, i):
                     self.backward(loss_sum * scale)
+            if not last and not hold:
+                self.finish_grad_sync(step)  # the all-reduce it just did, counted and drawn
             total += loss_sum.detach()
         return total
 
@@ -252,7 +262,8 @@ class Strategy:
         enters the norm once (pieces replicated over dp are not combined over dp at all).
         """
         pieces = self.clip_pieces()
-        if self.mesh.size("tp") == 1 or self.mesh.local_rank("tp") == 0:
+        counted_everywhere = self.cfg.bug == "C"  # seeded: replicated pieces counted tp times
+        if self.mesh.size("tp") == 1 or self.mesh.local_rank("tp") == 0 or counted_everywhere:
             return [t for t, _ in pieces]
         return GradPieces([t for t, _ in pieces], counted=[not rep for _, rep in pieces])
 
