@@ -128,12 +128,12 @@ def _allreduce_worker(rank: int, world_size: int, sizes: Sequence[int]) -> list[
     return allreduce_times(sizes, iters=10)
 
 
-def _allreduce_rows(world_sizes: Sequence[int]) -> list[dict]:
+def _allreduce_rows(world_sizes: Sequence[int], backend: str = "gloo") -> list[dict]:
     from labkit.supervisor import spawn
 
     rows: list[dict] = []
     for n in world_sizes:
-        rows += spawn(_allreduce_worker, n, (tuple(ALLREDUCE_SIZES),), backend="gloo")[0]
+        rows += spawn(_allreduce_worker, n, (tuple(ALLREDUCE_SIZES),), backend=backend)[0]
     return rows
 
 
@@ -209,8 +209,13 @@ def calibrate(
     *,
     world_sizes: Sequence[int] = (2, 4),
     models: Sequence[str] = CALIBRATION_MODELS,
+    backend: str = "gloo",
 ) -> Calibration:
-    """Measure this machine: ceiling, memory bandwidth, one-process steps, Gloo all-reduces."""
+    """Measure this machine: ceiling, memory bandwidth, one-process steps, all-reduces.
+
+    ``backend="nccl"`` fits alpha and beta from NCCL all-reduces instead (on a machine with at
+    least ``max(world_sizes)`` GPUs; the compute fit still measures the CPU processes).
+    """
     from labkit.perf import peak_matmul_flops
 
     threads = threads or os.cpu_count() or 1
@@ -223,7 +228,7 @@ def calibrate(
         torch.set_num_threads(previous)
     steps = _step_rows(threads, models, CALIBRATION_BATCHES)
     rate, d_half, overhead = _fit_compute(steps, memory)
-    allreduce = _allreduce_rows([n for n in world_sizes if n > 1])
+    allreduce = _allreduce_rows([n for n in world_sizes if n > 1], backend)
     c = Calibration(
         threads=threads,
         ceiling_flops=ceiling,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from labkit.parallel.presets import CHUNKED_SCHEDULES, DP_IMPLS
 from labkit.plan.workload import Workload
 
-__all__ = ["Stage", "memory_per_rank", "stages"]
+__all__ = ["Stage", "block_params_per_rank", "memory_per_rank", "stage_params", "stages"]
 
 # Bytes per parameter of (weights, gradients) by precision. bf16 and fp16 in labkit are autocast:
 # the weights and gradients stay float32 and only the activations are half-size.
@@ -67,14 +67,26 @@ def _in_flight(w: Workload, stage: Stage) -> float:
     return float(min(m, p - stage.rank))
 
 
+def block_params_per_rank(w: Workload) -> float:
+    """Parameters of one block on one tp rank: 1/tp of the split matrices, the rest whole."""
+    split = w.model.attention_matmul_params() + w.model.mlp_matmul_params()
+    return w.model.block_params() - split + split / w.tp
+
+
+def stage_params(w: Workload, stage: Stage) -> float:
+    """Parameters one rank of ``stage`` trains (before any dp sharding)."""
+    m = w.model
+    block = block_params_per_rank(w)
+    return stage.blocks * block + stage.embed * m.embed_params() + stage.head * m.head_params()
+
+
 def memory_per_rank(w: Workload, stage: Stage) -> dict[str, float]:
     """Bytes one rank of ``stage`` holds: params, grads, optimizer, activations, transient."""
     m = w.model
     impl = DP_IMPLS[w.dp_impl]
     dp = w.dp
-    split = m.attention_matmul_params() + m.mlp_matmul_params()  # what tp divides
-    block = m.block_params() - split + split / w.tp
-    params = stage.blocks * block + stage.embed * m.embed_params() + stage.head * m.head_params()
+    block = block_params_per_rank(w)
+    params = stage_params(w, stage)
     wb = _WEIGHT_BYTES[w.precision]
     shard_params = dp if w.dp_impl in ("zero3", "fsdp") else 1
     shard_grads = dp if impl.shards_grads else 1

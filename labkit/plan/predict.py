@@ -28,7 +28,7 @@ from labkit.config import TrainConfig
 from labkit.parallel.presets import CHUNKED_SCHEDULES, DP_IMPLS
 from labkit.plan.comm import collective_time
 from labkit.plan.hardware import Cluster
-from labkit.plan.memory import Stage, memory_per_rank, stages
+from labkit.plan.memory import Stage, memory_per_rank, stage_params, stages
 from labkit.plan.workload import Workload, workload
 
 __all__ = ["Prediction", "predict"]
@@ -114,9 +114,7 @@ def _dp_comm(w: Workload, stage: Stage, cluster: Cluster, backward_s: float) -> 
         return 0.0
     m = w.model
     stride = w.tp
-    split = m.attention_matmul_params() + m.mlp_matmul_params()
-    block = m.block_params() - split + split / w.tp
-    params = stage.blocks * block + stage.embed * m.embed_params() + stage.head * m.head_params()
+    params = stage_params(w, stage)
     grads = 4 * params  # gradients are reduced in float32
 
     def ring(kind: str, nbytes: float, messages: int) -> float:
