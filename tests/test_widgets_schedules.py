@@ -20,7 +20,7 @@ from labkit.lessons.schedules import (  # noqa: E402
     schedule_table,
     unigram_loss,
     warmup_experiment,
-    warmup_table,
+    warmup_spread,
 )
 from labkit.plots import figure_signature  # noqa: E402
 from labkit.plots.schedules import (  # noqa: E402
@@ -184,21 +184,26 @@ def test_smooth_is_a_trailing_mean() -> None:
 
 
 def test_warmup_experiment_grid_table_and_figure() -> None:
-    runs = warmup_experiment(
-        warmups={"none": {}, "warm-up 3": {"warmup_steps": 3}}, progress=False, **TINY
+    runs: dict = {}
+    table = warmup_experiment(
+        (0,),
+        warmups={"none": {}, "warm-up 3": {"warmup_steps": 3}},
+        runs=runs,
+        progress=False,
+        **TINY,
     )
     assert list(runs) == [
-        ("pre", "none"),
-        ("pre", "warm-up 3"),
-        ("post", "none"),
-        ("post", "warm-up 3"),
+        ("pre", "none", 0),
+        ("pre", "warm-up 3", 0),
+        ("post", "none", 0),
+        ("post", "warm-up 3", 0),
     ]
-    assert runs[("post", "none")].config.norm == "post"
-    assert runs[("pre", "warm-up 3")].metrics["lr"].iloc[0] == 0.0  # warm-up starts at LR 0
-    assert runs[("pre", "none")].metrics["lr"].iloc[0] == pytest.approx(3e-2)
-    table = warmup_table(runs)
-    assert table.index.names == ["norm", "warm-up"] and len(table) == 4
-    assert set(table["status"]) <= {"trains", "stalled", "diverged"}
+    assert runs[("post", "none", 0)].config.norm == "post"
+    assert runs[("pre", "warm-up 3", 0)].metrics["lr"].iloc[0] == 0.0  # warm-up starts at LR 0
+    assert runs[("pre", "none", 0)].metrics["lr"].iloc[0] == pytest.approx(3.5e-2)
+    assert len(table) == 4 and set(table["status"]) <= {"trains", "stalled", "diverged"}
+    spread = warmup_spread(table)
+    assert spread.index.names == ["norm", "warm-up"] and len(spread) == 4
     fig = plot_warmup_grid(runs)
     assert len(fig.axes) == 4
     assert [ax.get_title() for ax in fig.axes[:2]] == ["pre-LN GPT", "post-LN GPT"]
