@@ -16,3 +16,13 @@ def test_the_quoted_ratio_is_the_files_line() -> None:
 def test_a_missing_result_names_the_command_that_makes_it() -> None:
     with pytest.raises(FileNotFoundError, match="labkit bench nothing --record"):
         ratio_line("nothing")
+
+
+def test_a_recorded_table_is_read_under_its_heading() -> None:
+    from labkit.lessons.recorded import recorded_table
+
+    table = recorded_table("pp", "## Bubble of pp-1f1b")
+    assert list(table["m"]) == ["1", "2", "4", "8"]
+    assert table["theory"].iloc[0] == "0.500"
+    with pytest.raises(ValueError, match="no heading"):
+        recorded_table("pp", "## Nothing like this")
