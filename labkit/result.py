@@ -86,6 +86,15 @@ class RunResult:
         val = self.metrics["val_loss"].dropna()
         return float(val.iloc[-1]) if len(val) else float("nan")
 
+    def steady_step_s(self, skip: int = 1) -> float:
+        """The measured step time: the median, over the steps after the first ``skip`` (which
+        pay one-off costs), of the slowest rank (a step ends when every rank is done)."""
+        m = self.metrics
+        first = int(m["step"].min())
+        steady = m[m["step"] >= first + skip]
+        steady = steady if len(steady) else m
+        return float(steady.groupby("rank")["step_time_s"].median().max())
+
     def summary(self) -> pd.DataFrame:
         """A one-row-per-rank table: throughput, step time, communication, final losses."""
         m = self.metrics

@@ -207,6 +207,25 @@ def _hang_message(timeout_s: float) -> str:
     )
 
 
+def ship_all(fns: tuple[Any, ...]) -> tuple[Shipped, ...] | str:
+    """Every learner function shipped, or the message saying why one could not be."""
+    try:
+        return tuple(ship(fn) for fn in fns)
+    except (OSError, TypeError, ValueError) as err:
+        what = "function" if len(fns) == 1 else "functions"
+        return f"Not yet: could not send your {what} to the workers: {err}"
+
+
+def verdict(
+    worker: Callable[..., Any], fns: tuple[Any, ...], correct: str, timeout_s: float = 60.0
+) -> str:
+    """Ship ``fns``, run ``worker`` on 2 Gloo processes: the first complaint, or ``correct``."""
+    shipped = ship_all(fns)
+    if isinstance(shipped, str):
+        return shipped
+    return first_message(run(worker, shipped, 2, timeout_s)) or correct
+
+
 def first_message(results: list[Any] | str) -> str | None:
     """A message from ``run`` or the first rank's complaint (None: every rank was happy)."""
     if isinstance(results, str):

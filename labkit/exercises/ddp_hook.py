@@ -206,13 +206,11 @@ def _verdict(
 
 def check_bucket_hook(make_hook: Any, finish_grad_sync: Any, timeout_s: float = 60.0) -> str:
     """Check a learner's ``make_hook`` and ``finish_grad_sync`` on 2 Gloo processes (never raises)."""
-    try:
-        shipped = (_harness.ship(make_hook), _harness.ship(finish_grad_sync))
-    except (OSError, TypeError, ValueError) as err:
-        return f"Not yet: could not send your functions to the workers: {err}"
-    message = _harness.first_message(_harness.run(_worker, shipped, 2, timeout_s))
-    return message or (
+    return _harness.verdict(
+        _worker,
+        (make_hook, finish_grad_sync),
         "Correct! Each bucket's all-reduce started, asynchronously, during backward, the moment "
         "its last gradient arrived; after finish_grad_sync every gradient is the single-process "
-        "gradient of the whole batch, two steps in a row."
+        "gradient of the whole batch, two steps in a row.",
+        timeout_s,
     )

@@ -173,13 +173,11 @@ def check_f_g(
     f_forward: Any, f_backward: Any, g_forward: Any, g_backward: Any, timeout_s: float = 60.0
 ) -> str:
     """Check the learner's four halves of f and g on 2 Gloo processes (never raises)."""
-    try:
-        shipped = tuple(_harness.ship(fn) for fn in (f_forward, f_backward, g_forward, g_backward))
-    except (OSError, TypeError, ValueError) as err:
-        return f"Not yet: could not send your functions to the workers: {err}"
-    message = _harness.first_message(_harness.run(_worker, shipped, 2, timeout_s))
-    return message or (
+    return _harness.verdict(
+        _worker,
+        (f_forward, f_backward, g_forward, g_backward),
         "Correct! f copies forward and sums the partial input gradients backward; g sums the "
         "partial outputs forward and passes the gradient through. The 2-rank MLP matches the "
-        "dense one: output, input gradient and both weight shards' gradients."
+        "dense one: output, input gradient and both weight shards' gradients.",
+        timeout_s,
     )

@@ -157,11 +157,10 @@ def check_ring_all_reduce(fn: Any, world_size: int = 2, timeout_s: float = 60.0)
 
     ``fn`` is a function (from a module or a notebook cell) or a string of its source.
     """
-    try:
-        shipped = _harness.ship(fn)
-    except (OSError, TypeError, ValueError) as err:
-        return f"Not yet: could not send your function to the workers: {err}"
-    results = _harness.run(_worker, (shipped,), world_size, timeout_s)
+    shipped = _harness.ship_all((fn,))
+    if isinstance(shipped, str):
+        return shipped
+    results = _harness.run(_worker, shipped, world_size, timeout_s)
     if isinstance(results, str):
         return results
     used = sorted({name for result in results for name in result["used"]})

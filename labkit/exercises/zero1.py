@@ -148,13 +148,11 @@ def _worker(rank: int, n: int, shipped: _harness.Shipped) -> str | None:
 
 def check_zero1_step(fn: Any, timeout_s: float = 60.0) -> str:
     """Check a learner's ZeRO-1 step on 2 Gloo processes; return a message (never raises)."""
-    try:
-        shipped = _harness.ship(fn)
-    except (OSError, TypeError, ValueError) as err:
-        return f"Not yet: could not send your function to the workers: {err}"
-    message = _harness.first_message(_harness.run(_worker, (shipped,), 2, timeout_s))
-    return message or (
+    return _harness.verdict(
+        _worker,
+        (fn,),
         f"Correct! Each rank kept the momentum of its slice only (at most "
         f"{math.ceil(N_PARAMS / 2)} of {N_PARAMS} numbers), updated that slice, and after the "
-        f"exchange every rank holds what single-process SGD gives, {STEPS} steps in a row."
+        f"exchange every rank holds what single-process SGD gives, {STEPS} steps in a row.",
+        timeout_s,
     )

@@ -263,9 +263,7 @@ def run_four_stages(progress: bool = True) -> tuple[dict[str, RunResult], RunRes
 def steady_step_ms(run: RunResult) -> float:
     """A run's measured step time in milliseconds: the median over the steps after the first
     (which pays one-off costs), of its slowest rank (a step ends when every rank is done)."""
-    m = run.metrics
-    steady = m[m["step"] > m["step"].min()] if m["step"].nunique() > 1 else m
-    return 1e3 * float(steady.groupby("rank")["step_time_s"].median().max())
+    return 1e3 * run.steady_step_s()
 
 
 def step_times(runs: Mapping[str, RunResult]) -> pd.DataFrame:

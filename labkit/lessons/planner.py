@@ -18,6 +18,7 @@ import labkit
 from labkit import plan
 from labkit.config import TrainConfig
 from labkit.launch import run_many
+from labkit.lessons.recorded import recorded_path
 from labkit.plan.calibrate import PLAN_RUN
 
 __all__ = [
@@ -72,14 +73,10 @@ NOTEBOOK_MESHES: dict[int, list[dict[str, Any]]] = {
     4: [{"dp": 2, "tp": 2}, {"dp": 2, "pp": 2, "micro_batches": 2}, {"pp": 4, "micro_batches": 4}],
 }
 
-RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "plan-cpu.csv"
 
-
-def recorded_summary(path: Path = RECORDED) -> pd.DataFrame:
+def recorded_summary(path: Path | None = None) -> pd.DataFrame:
     """``error_summary`` of the sweep ``labkit bench plan --record`` saved (every local mesh)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `labkit bench plan --record` to make it")
-    return error_summary(pd.read_csv(path))
+    return error_summary(pd.read_csv(path or recorded_path("plan", suffix="csv")))
 
 
 def _measure(configs: list[TrainConfig], progress: bool) -> list[dict[str, float]]:
@@ -89,11 +86,9 @@ def _measure(configs: list[TrainConfig], progress: bool) -> list[dict[str, float
         results = run_many(configs, progress=progress, desc="runs")
     rows = []
     for result in results:
-        m = result.metrics
-        steady = m[m["step"] >= 2]
         rows.append(
             {
-                "measured_step_ms": 1e3 * steady.groupby("rank")["step_time_s"].median().max(),
+                "measured_step_ms": 1e3 * result.steady_step_s(skip=2),
                 "measured_MiB": result.memory["peak_bytes"].max() / 2**20,
             }
         )

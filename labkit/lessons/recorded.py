@@ -12,16 +12,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["RESULTS", "ratio_line", "recorded_table"]
+__all__ = ["RESULTS", "ratio_line", "recorded_path", "recorded_table"]
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-def ratio_line(name: str, device: str = "cpu") -> str:
-    """The bold ``**Ratio ...**`` line of ``benchmarks/results/<name>-<device>.md``, plain."""
-    path = RESULTS / f"{name}-{device}.md"
+def recorded_path(name: str, device: str = "cpu", suffix: str = "md") -> Path:
+    """``benchmarks/results/<name>-<device>.<suffix>``; FileNotFoundError naming the command
+    that records it when it is missing."""
+    path = RESULTS / f"{name}-{device}.{suffix}"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `labkit bench {name} --record`")
+    return path
+
+
+def ratio_line(name: str, device: str = "cpu") -> str:
+    """The bold ``**Ratio ...**`` line of ``benchmarks/results/<name>-<device>.md``, plain."""
+    path = recorded_path(name, device)
     for line in path.read_text().splitlines():
         if line.startswith("**Ratio"):
             return line.replace("**", "")
@@ -33,9 +40,7 @@ def recorded_table(name: str, heading: str, device: str = "cpu") -> pd.DataFrame
     ``benchmarks/results/<name>-<device>.md``, as a DataFrame of strings."""
     import pandas as pd
 
-    path = RESULTS / f"{name}-{device}.md"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `labkit bench {name} --record`")
+    path = recorded_path(name, device)
     lines = path.read_text().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if start is None:

@@ -84,7 +84,6 @@ def _step_rows(threads: int, models: Sequence[str], batches: Sequence[int]) -> l
         for batch in batches:
             fields = dict(model=model, global_batch_size=batch, steps=5, eval_every=0)
             result = labkit.run(**fields, threads=threads, timeline=False, progress=False)
-            steady = result.metrics[result.metrics["step"] >= 2]
             w = workload(fields)
             rows.append(
                 {
@@ -94,7 +93,7 @@ def _step_rows(threads: int, models: Sequence[str], batches: Sequence[int]) -> l
                     "layers": w.model.n_layer + 2,
                     "flops": batch * w.model.seq_len * w.model.train_flops_per_token(),
                     "params": w.model.params(),
-                    "step_s": float(steady["step_time_s"].median()),
+                    "step_s": result.steady_step_s(skip=2),
                 }
             )
     return rows
@@ -195,8 +194,7 @@ def _fit_sync(c: Calibration, n: int) -> float:
     configs = [TrainConfig(**{**PLAN_RUN, "model": "nano", **mesh}) for mesh in SYNC_MESHES[n]]
     num = den = 0.0
     for cfg, result in zip(configs, run_many(configs, progress=False), strict=True):
-        steady = result.metrics[result.metrics["step"] >= 2]
-        measured = float(steady.groupby("rank")["step_time_s"].median().max())
+        measured = result.steady_step_s(skip=2)
         base = predict(cfg, _cluster(c, n, 0.0)).step_time_s
         calls = (predict(cfg, _cluster(c, n, 1e-3)).step_time_s - base) / 1e-3
         num += calls * (measured - base) / measured**2

@@ -39,9 +39,7 @@ def _split(n_items: int, n_parts: int) -> list[int]:
 
 def stages(w: Workload) -> list[Stage]:
     """The pp ranks' shares of ``embedding, blocks, head``, cut by layer count as labkit does."""
-    p, v = w.pp, w.pp_virtual_stages if w.pp_schedule in CHUNKED_SCHEDULES else 1
-    if w.pp_schedule == "torch-zbv":
-        v = 2
+    p, v = w.pp, w.chunks_per_rank
     counts = _split(w.model.n_layer + 2, p * v)
     starts = [sum(counts[:i]) for i in range(len(counts))]
     last = w.model.n_layer + 1
@@ -62,7 +60,7 @@ def _in_flight(w: Workload, stage: Stage) -> float:
     if w.pp_schedule in ("gpipe", "torch-gpipe"):
         return float(m)
     if w.pp_schedule in CHUNKED_SCHEDULES:  # Megatron: p (1 + (p - 1) / (p v)) chunks' worth
-        v = 2 if w.pp_schedule == "torch-zbv" else w.pp_virtual_stages
+        v = w.chunks_per_rank
         return min(float(m), p * (1 + (p - 1) / (p * v)) - stage.rank / v)
     return float(min(m, p - stage.rank))
 

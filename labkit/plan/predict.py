@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.config import TrainConfig
-from labkit.parallel.presets import CHUNKED_SCHEDULES, DP_IMPLS
+from labkit.parallel.presets import DP_IMPLS
 from labkit.plan.comm import collective_time
 from labkit.plan.hardware import Cluster
 from labkit.plan.memory import Stage, memory_per_rank, stage_params, stages
@@ -101,10 +101,8 @@ def _bubble(w: Workload, micro_s: float) -> float:
     """Idle seconds per optimizer step that the pipeline schedule leaves."""
     if w.pp == 1:
         return 0.0
-    v = 2 if w.pp_schedule == "torch-zbv" else w.pp_virtual_stages
-    v = v if w.pp_schedule in CHUNKED_SCHEDULES else 1
     share = 1 / 3 if w.pp_schedule in _ZERO_BUBBLE else 1.0
-    return (w.pp - 1) * micro_s * share / v * w.grad_accum_steps
+    return (w.pp - 1) * micro_s * share / w.chunks_per_rank * w.grad_accum_steps
 
 
 def _dp_comm(w: Workload, stage: Stage, cluster: Cluster, backward_s: float) -> float:
@@ -209,9 +207,10 @@ def predict(config: TrainConfig | Mapping[str, Any] | Workload, cluster: Cluster
         touched = mem["params_bytes"] + mem["grads_bytes"] + mem["optimizer_bytes"]
         optimizer = 2 * touched / card.memory_Bps  # read everything, write weights and state
         exposed = sum(model.values()) + dp + scalars
-        total = compute + _bubble(w, micro_s) + exposed + optimizer
+        bubble = _bubble(w, micro_s)
+        total = compute + bubble + exposed + optimizer
         if best is None or total > best[0]:
-            best = (total, compute, _bubble(w, micro_s), exposed, optimizer)
+            best = (total, compute, bubble, exposed, optimizer)
             comms = {**model, "dp": dp, "scalars": scalars}
     assert best is not None
     step, compute, bubble, exposed, optimizer = best

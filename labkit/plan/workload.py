@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from labkit.config import OPTIMIZERS, PRECISIONS, RECOMPUTE, TrainConfig
-from labkit.parallel.presets import DEFAULT_DP_IMPL, DEFAULT_PP_SCHEDULE, DP_IMPLS, PP_SCHEDULES
+from labkit.parallel.presets import (
+    CHUNKED_SCHEDULES,
+    DEFAULT_DP_IMPL,
+    DEFAULT_PP_SCHEDULE,
+    DP_IMPLS,
+    PP_SCHEDULES,
+)
 from labkit.plan.shapes import PUBLISHED, ModelShape, from_preset
 
 __all__ = ["Workload", "workload"]
@@ -45,6 +51,14 @@ class Workload:
     def world_size(self) -> int:
         """Ranks in the mesh."""
         return self.dp * self.pp * self.tp * self.cp
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Pieces of the layer chain each pipeline rank holds: 2 in ZBV's V, ``pp_virtual_stages``
+        for the other chunked schedules, 1 otherwise."""
+        if self.pp_schedule == "torch-zbv":
+            return 2
+        return self.pp_virtual_stages if self.pp_schedule in CHUNKED_SCHEDULES else 1
 
     @property
     def micro_batch_size(self) -> float:
